@@ -1,0 +1,537 @@
+// CPU kernels for bn.h.
+//
+// Work is split into blocks whose bounds depend only on the shape:
+//   channels-last  [M, C]:     a block is kRowBlock-ish rows x a channel tile;
+//                              inner loops run over contiguous channels.
+//   channels-first [N, C, S]:  a block is one (n, c) row chunk of <= kChunk
+//                              contiguous values; inner loops run over S.
+// Each block writes its own partial (mean and M2 from an in-cache two-pass,
+// or plain sums for the backward); partials are merged per channel in block
+// order, in double. Results therefore do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "bn.h"
+
+namespace fused_bn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileChannels = 1024;  // channels-last tile width
+constexpr int64_t kBlockElems = 16384;   // values per channels-last block
+constexpr int64_t kMinRows = 16;         // rows per channels-last block, min
+constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
+constexpr int64_t kMergeTile = 256;      // channels per merge work item
+
+struct bf16 {
+  uint16_t bits;
+};
+using half = _Float16;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+inline float load(half v) { return static_cast<float>(v); }
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T store(typename AccOf<T>::type v) {
+  return static_cast<T>(v);
+}
+// Round to nearest even; NaN stays NaN (quiet bit set).
+template <>
+inline bf16 store<bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+// Geometry of the reduction blocks of one shape.
+struct Blocks {
+  bool channels_last;
+  int64_t rows_per_block = 0;  // channels-last
+  int64_t tile = 0;            // channels-last
+  int64_t tiles = 0;           // channels-last
+  int64_t chunks = 0;          // channels-first: chunks per row
+  int64_t row_blocks = 0;      // partial sets: blocks along the reduced axes
+
+  explicit Blocks(const Shape& s) : channels_last(s.inner == 1) {
+    if (channels_last) {
+      tile = std::min<int64_t>(s.channels, kTileChannels);
+      tiles = (s.channels + tile - 1) / tile;
+      rows_per_block = std::max<int64_t>(kMinRows, kBlockElems / tile);
+      row_blocks = (s.outer + rows_per_block - 1) / rows_per_block;
+    } else {
+      chunks = (s.inner + kChunk - 1) / kChunk;
+      row_blocks = s.outer * chunks;
+    }
+  }
+  int64_t units(const Shape& s) const {
+    return channels_last ? row_blocks * tiles : row_blocks * s.channels;
+  }
+  // Number of values block b reduces per channel.
+  int64_t count(const Shape& s, int64_t b) const {
+    if (channels_last) {
+      return std::min(rows_per_block, s.outer - b * rows_per_block);
+    }
+    const int64_t k = b % chunks;
+    return std::min(kChunk, s.inner - k * kChunk);
+  }
+};
+
+// Calls fn(b, c0, c1, rows or chunk range) for unit u. For channels-last the
+// unit covers rows [r0, r1) and channels [c0, c1); for channels-first it
+// covers values [s0, s1) of row (o, c), with c1 == c0 + 1.
+struct Unit {
+  int64_t block, c0, c1, begin, end, o;
+};
+inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
+  Unit r;
+  if (g.channels_last) {
+    r.block = u / g.tiles;
+    const int64_t t = u % g.tiles;
+    r.c0 = t * g.tile;
+    r.c1 = std::min(s.channels, r.c0 + g.tile);
+    r.begin = r.block * g.rows_per_block;
+    r.end = std::min(s.outer, r.begin + g.rows_per_block);
+    r.o = 0;
+  } else {
+    r.block = u / s.channels;  // = o * chunks + k
+    r.c0 = u % s.channels;
+    r.c1 = r.c0 + 1;
+    r.o = r.block / g.chunks;
+    const int64_t k = r.block % g.chunks;
+    r.begin = k * kChunk;
+    r.end = std::min(s.inner, r.begin + kChunk);
+  }
+  return r;
+}
+
+// Per-block mean and M2 (two passes over the block while it is in cache).
+template <typename T>
+void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
+                   typename AccOf<T>::type* __restrict pmean,
+                   typename AccOf<T>::type* __restrict pm2) {
+  using A = typename AccOf<T>::type;
+  if (s.inner == 1) {
+    const int64_t C = s.channels, w = u.c1 - u.c0;
+    const A inv_n = A(1) / A(u.end - u.begin);
+    A* __restrict mean = pmean + u.block * C + u.c0;
+    A* __restrict m2 = pm2 + u.block * C + u.c0;
+    for (int64_t c = 0; c < w; ++c) mean[c] = m2[c] = A(0);
+    for (int64_t r = u.begin; r < u.end; ++r) {
+      const T* __restrict xr = x + r * C + u.c0;
+      for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]);
+    }
+    for (int64_t c = 0; c < w; ++c) mean[c] *= inv_n;
+    for (int64_t r = u.begin; r < u.end; ++r) {
+      const T* __restrict xr = x + r * C + u.c0;
+      for (int64_t c = 0; c < w; ++c) {
+        const A d = load(xr[c]) - mean[c];
+        m2[c] += d * d;
+      }
+    }
+  } else {
+    const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]);
+    const A mean = sum / A(u.end - u.begin);
+    A m2 = 0;
+#pragma omp simd reduction(+ : m2)
+    for (int64_t i = u.begin; i < u.end; ++i) {
+      const A d = load(xr[i]) - mean;
+      m2 += d * d;
+    }
+    pmean[u.block * s.channels + u.c0] = mean;
+    pm2[u.block * s.channels + u.c0] = m2;
+  }
+}
+
+// Chan's merge of per-block (mean, M2) in block order; writes biased mean
+// and variance of type U.
+template <typename A, typename U>
+void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
+                   const A* pm2, U* mean, U* var, const ParallelFor& pf) {
+  const int64_t C = s.channels;
+  const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
+  pf(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
+    double m[kMergeTile], q[kMergeTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * kMergeTile, w = std::min(kMergeTile, C - c0);
+      for (int64_t c = 0; c < w; ++c) m[c] = q[c] = 0.0;
+      double n = 0.0;
+      for (int64_t b = 0; b < g.row_blocks; ++b) {
+        const double nb = double(g.count(s, b));
+        const double n_new = n + nb;
+        const double fb = nb / n_new, fq = n * nb / n_new;
+        const A* __restrict bm = pmean + b * C + c0;
+        const A* __restrict bq = pm2 + b * C + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const double d = double(bm[c]) - m[c];
+          m[c] += d * fb;
+          q[c] += double(bq[c]) + d * d * fq;
+        }
+        n = n_new;
+      }
+      for (int64_t c = 0; c < w; ++c) {
+        mean[c0 + c] = U(m[c]);
+        var[c0 + c] = U(q[c] / n);
+      }
+    }
+  });
+}
+
+template <typename T, typename U>
+void moments_impl(const Shape& s, const T* x, U* mean, U* var,
+                  const ParallelFor& pf) {
+  using A = typename AccOf<T>::type;
+  const Blocks g(s);
+  std::vector<A> pmean(g.row_blocks * s.channels), pm2(pmean.size());
+  const int64_t units = g.units(s);
+  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
+  pf(units, per_unit * 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      block_moments(s, unit_of(s, g, u), x, pmean.data(), pm2.data());
+    }
+  });
+  merge_moments(s, g, pmean.data(), pm2.data(), mean, var, pf);
+}
+
+// y = (x - mean) * a + offset, per channel.
+template <typename T, typename U>
+void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
+                const U* mean, const U* a, const U* offset,
+                const ParallelFor& pf) {
+  using A = typename AccOf<T>::type;
+  const int64_t C = s.channels;
+  if (s.inner == 1) {
+    std::vector<A> m(C), k(C), b(C);
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = A(mean[c]);
+      k[c] = A(a[c]);
+      b[c] = offset ? A(offset[c]) : A(0);
+    }
+    const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
+    const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
+    pf(blocks, rows_per * C * 2, [&](int64_t b0, int64_t b1) {
+      const A* __restrict mm = m.data();
+      const A* __restrict kk = k.data();
+      const A* __restrict bb = b.data();
+      const int64_t r1 = std::min(s.outer, b1 * rows_per);
+      for (int64_t r = b0 * rows_per; r < r1; ++r) {
+        const T* __restrict xr = x + r * C;
+        T* __restrict yr = y + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          yr[c] = store<T>((load(xr[c]) - mm[c]) * kk[c] + bb[c]);
+        }
+      }
+    });
+  } else {
+    const int64_t S = s.inner;
+    pf(s.outer * C, S * 2, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        const A mm = A(mean[c]), kk = A(a[c]);
+        const A bb = offset ? A(offset[c]) : A(0);
+        const T* __restrict xr = x + r * S;
+        T* __restrict yr = y + r * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          yr[i] = store<T>((load(xr[i]) - mm) * kk + bb);
+        }
+      }
+    });
+  }
+}
+
+template <typename U>
+void scale_factor(int64_t C, const U* var, const U* scale, double epsilon,
+                  U* inv_std, U* a) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double r = 1.0 / std::sqrt(double(var[c]) + epsilon);
+    if (inv_std) inv_std[c] = U(r);
+    a[c] = U(scale ? double(scale[c]) * r : r);
+  }
+}
+
+template <typename U>
+void update_impl(const UpdateParams& p) {
+  double m = p.momentum;
+  if (p.num_updates) {
+    const double t = double(*p.num_updates);
+    m = std::min(m, t / (t + 1.0));
+    *p.num_updates += 1;
+  }
+  const double bessel =
+      p.unbiased_variance && p.count > 1 ? double(p.count) / (p.count - 1) : 1;
+  const U* mean = static_cast<const U*>(p.mean);
+  const U* var = static_cast<const U*>(p.var);
+  U* mm = static_cast<U*>(p.moving_mean);
+  U* mv = static_cast<U*>(p.moving_var);
+  for (int64_t c = 0; c < p.channels; ++c) {
+    mm[c] = U(double(mm[c]) * m + double(mean[c]) * (1.0 - m));
+    mv[c] = U(double(mv[c]) * m + double(var[c]) * bessel * (1.0 - m));
+  }
+}
+
+template <typename T, typename U>
+Status forward_impl(const ForwardParams& p, const ParallelFor& pf) {
+  const Shape& s = p.shape;
+  const int64_t C = s.channels;
+  const T* x = static_cast<const T*>(p.x);
+  U* mean = static_cast<U*>(p.saved_mean);
+  U* inv_std = static_cast<U*>(p.saved_inv_std);
+  std::vector<U> var(C), a(C);
+  if (p.training) {
+    moments_impl(s, x, mean, var.data(), pf);
+    if (p.moving_mean) {
+      UpdateParams up;
+      up.dtype = p.dtype;
+      up.channels = C;
+      up.mean = mean;
+      up.var = var.data();
+      up.count = s.count();
+      up.moving_mean = p.moving_mean;
+      up.moving_var = p.moving_var;
+      up.num_updates = p.num_updates;
+      up.momentum = p.momentum;
+      up.unbiased_variance = p.unbiased_variance;
+      update_impl<U>(up);
+    }
+  } else {
+    if (!p.moving_mean || !p.moving_var) {
+      return Status::Error("inference needs moving_mean and moving_variance");
+    }
+    std::memcpy(mean, p.moving_mean, C * sizeof(U));
+    std::memcpy(var.data(), p.moving_var, C * sizeof(U));
+  }
+  scale_factor(C, var.data(), static_cast<const U*>(p.scale), p.epsilon,
+               inv_std, a.data());
+  apply_impl(s, x, static_cast<T*>(p.y), mean, a.data(),
+             static_cast<const U*>(p.offset), pf);
+  return Status::Ok();
+}
+
+// Per-block sums of dy and dy * (x - mean).
+template <typename T, typename U>
+void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
+                     const T* __restrict x, const U* mean,
+                     typename AccOf<T>::type* __restrict pdy,
+                     typename AccOf<T>::type* __restrict pdyx) {
+  using A = typename AccOf<T>::type;
+  if (s.inner == 1) {
+    const int64_t C = s.channels, w = u.c1 - u.c0;
+    A* __restrict sd = pdy + u.block * C + u.c0;
+    A* __restrict sx = pdyx + u.block * C + u.c0;
+    A m[kTileChannels];
+    for (int64_t c = 0; c < w; ++c) {
+      sd[c] = sx[c] = A(0);
+      m[c] = A(mean[u.c0 + c]);
+    }
+    for (int64_t r = u.begin; r < u.end; ++r) {
+      const T* __restrict xr = x + r * C + u.c0;
+      const T* __restrict dr = dy + r * C + u.c0;
+      for (int64_t c = 0; c < w; ++c) {
+        const A d = load(dr[c]);
+        sd[c] += d;
+        sx[c] += d * (load(xr[c]) - m[c]);
+      }
+    }
+  } else {
+    const int64_t off = (u.o * s.channels + u.c0) * s.inner;
+    const T* __restrict xr = x + off;
+    const T* __restrict dr = dy + off;
+    const A m = A(mean[u.c0]);
+    A sd = 0, sx = 0;
+#pragma omp simd reduction(+ : sd, sx)
+    for (int64_t i = u.begin; i < u.end; ++i) {
+      const A d = load(dr[i]);
+      sd += d;
+      sx += d * (load(xr[i]) - m);
+    }
+    pdy[u.block * s.channels + u.c0] = sd;
+    pdyx[u.block * s.channels + u.c0] = sx;
+  }
+}
+
+template <typename T, typename U>
+Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
+  using A = typename AccOf<T>::type;
+  const Shape& s = p.shape;
+  const int64_t C = s.channels;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const U* mean = static_cast<const U*>(p.saved_mean);
+  const U* inv_std = static_cast<const U*>(p.saved_inv_std);
+  const U* scale = static_cast<const U*>(p.scale);
+  const Blocks g(s);
+  std::vector<A> pdy(g.row_blocks * C), pdyx(pdy.size());
+  const int64_t units = g.units(s);
+  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
+  pf(units, per_unit * 6, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      block_grad_sums(s, unit_of(s, g, u), dy, x, mean, pdy.data(),
+                      pdyx.data());
+    }
+  });
+  // Sum the block partials in block order, in double.
+  std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
+  pf((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
+     [&](int64_t t0, int64_t t1) {
+       for (int64_t t = t0; t < t1; ++t) {
+         const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
+         for (int64_t b = 0; b < g.row_blocks; ++b) {
+           for (int64_t c = c0; c < c1; ++c) {
+             sum_dy[c] += pdy[b * C + c];
+             sum_dyx[c] += pdyx[b * C + c];
+           }
+         }
+       }
+     });
+  U* dscale = static_cast<U*>(p.dscale);
+  U* doffset = static_cast<U*>(p.doffset);
+  // dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
+  std::vector<A> k_dy(C), k_x(C), k_0(C), m(C);
+  const double n = double(s.count());
+  for (int64_t c = 0; c < C; ++c) {
+    const double r = double(inv_std[c]);
+    const double ds = sum_dyx[c] * r;
+    if (dscale) dscale[c] = U(ds);
+    if (doffset) doffset[c] = U(sum_dy[c]);
+    const double kd = (scale ? double(scale[c]) : 1.0) * r;
+    k_dy[c] = A(kd);
+    k_x[c] = p.training ? A(-kd * r * ds / n) : A(0);
+    k_0[c] = p.training ? A(-kd * sum_dy[c] / n) : A(0);
+    m[c] = A(mean[c]);
+  }
+  if (!p.dx) return Status::Ok();
+  T* dx = static_cast<T*>(p.dx);
+  if (s.inner == 1) {
+    const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
+    const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
+    pf(blocks, rows_per * C * 3, [&](int64_t b0, int64_t b1) {
+      const A* __restrict kd = k_dy.data();
+      const A* __restrict kx = k_x.data();
+      const A* __restrict k0 = k_0.data();
+      const A* __restrict mm = m.data();
+      const int64_t r1 = std::min(s.outer, b1 * rows_per);
+      for (int64_t r = b0 * rows_per; r < r1; ++r) {
+        const T* __restrict xr = x + r * C;
+        const T* __restrict dr = dy + r * C;
+        T* __restrict out = dx + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          out[c] = store<T>(kd[c] * load(dr[c]) +
+                            kx[c] * (load(xr[c]) - mm[c]) + k0[c]);
+        }
+      }
+    });
+  } else {
+    const int64_t S = s.inner;
+    pf(s.outer * C, S * 3, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
+        const T* __restrict xr = x + r * S;
+        const T* __restrict dr = dy + r * S;
+        T* __restrict out = dx + r * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          out[i] = store<T>(kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0);
+        }
+      }
+    });
+  }
+  return Status::Ok();
+}
+
+// The one runtime-dtype -> template dispatch.
+template <typename F>
+Status dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat16:
+      return f(half(), float());
+    case DType::kBFloat16:
+      return f(bf16(), float());
+    case DType::kFloat32:
+      return f(float(), float());
+    case DType::kFloat64:
+      return f(double(), double());
+  }
+  return Status::Error("unsupported dtype");
+}
+
+}  // namespace
+
+ParallelFor Serial() {
+  return [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n > 0) fn(0, n);
+  };
+}
+
+Status moments(const MomentsParams& p, const ParallelFor& pf) {
+  return dispatch(p.dtype, [&](auto t, auto u) {
+    using T = decltype(t);
+    using U = decltype(u);
+    moments_impl(p.shape, static_cast<const T*>(p.x), static_cast<U*>(p.mean),
+                 static_cast<U*>(p.var), pf);
+    return Status::Ok();
+  });
+}
+
+Status normalize(const NormalizeParams& p, const ParallelFor& pf) {
+  return dispatch(p.dtype, [&](auto t, auto u) {
+    using T = decltype(t);
+    using U = decltype(u);
+    const int64_t C = p.shape.channels;
+    std::vector<U> a(C);
+    scale_factor(C, static_cast<const U*>(p.var),
+                 static_cast<const U*>(p.scale), p.epsilon,
+                 static_cast<U*>(nullptr), a.data());
+    apply_impl(p.shape, static_cast<const T*>(p.x), static_cast<T*>(p.y),
+               static_cast<const U*>(p.mean), a.data(),
+               static_cast<const U*>(p.offset), pf);
+    return Status::Ok();
+  });
+}
+
+Status update_moving_stats(const UpdateParams& p) {
+  if (p.dtype == DType::kFloat64) {
+    update_impl<double>(p);
+  } else {
+    update_impl<float>(p);
+  }
+  return Status::Ok();
+}
+
+Status forward(const ForwardParams& p, const ParallelFor& pf) {
+  return dispatch(p.dtype, [&](auto t, auto u) {
+    return forward_impl<decltype(t), decltype(u)>(p, pf);
+  });
+}
+
+Status backward(const BackwardParams& p, const ParallelFor& pf) {
+  return dispatch(p.dtype, [&](auto t, auto u) {
+    return backward_impl<decltype(t), decltype(u)>(p, pf);
+  });
+}
+
+}  // namespace cpu
+}  // namespace fused_bn

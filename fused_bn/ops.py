@@ -1,0 +1,342 @@
+"""Functional API: batch_norm and its building blocks, with their gradients.
+
+Layouts: `axis=-1` is channels-last ([N, C], NHWC, NDHWC), `axis=1` is
+channels-first (NCHW, NCDHW). Statistics are per channel, over every other
+axis. x is float16, bfloat16, float32 or float64; statistics, scale and
+offset are float32 (float64 when x is float64).
+"""
+import math
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from ._loader import ops as _ops
+
+_X_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+__all__ = ["batch_norm", "moments", "normalize", "update_moving_stats"]
+
+
+def _stat_dtype(x_dtype):
+    return tf.float64 if x_dtype == tf.float64 else tf.float32
+
+
+def _check_x(x):
+    x = tf.convert_to_tensor(x)
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(
+            "x must be float16, bfloat16, float32 or float64, got "
+            f"{x.dtype.name}")
+    rank = x.shape.rank
+    if rank is not None and not 2 <= rank <= 5:
+        raise ValueError(f"x must have rank 2 to 5, got shape {x.shape}")
+    return x
+
+
+def _data_format(x, axis):
+    """'channels_last' or 'channels_first' for an axis of x."""
+    rank = x.shape.rank
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int (-1 or 1), got {axis!r}")
+    if axis == -1 or (rank is not None and axis == rank - 1):
+        return "channels_last"
+    if axis == 1 or (rank is not None and axis == 1 - rank):
+        return "channels_first"
+    raise ValueError(
+        "axis must be -1 (channels-last) or 1 (channels-first), got "
+        f"{axis} for x of shape {x.shape}")
+
+
+def _channel_axis(x, data_format):
+    return x.shape.rank - 1 if data_format == "channels_last" else 1
+
+
+def _channels(x, data_format):
+    """C as a Python int when static, else a scalar tensor."""
+    if x.shape.rank is None:
+        shape = tf.shape(x)
+        return shape[-1] if data_format == "channels_last" else shape[1]
+    c = x.shape[_channel_axis(x, data_format)]
+    if c is None:
+        return tf.shape(x)[_channel_axis(x, data_format)]
+    return c
+
+
+def _static_count(x, data_format):
+    """Values per channel when the shape is fully static, else None."""
+    if not x.shape.is_fully_defined():
+        return None
+    dims = x.shape.as_list()
+    del dims[_channel_axis(x, data_format)]
+    return int(np.prod(dims))
+
+
+def _check_param(value, name, dtype, channels):
+    """A [C] float parameter (scale, offset, mean, variance) as a tensor."""
+    if hasattr(value, "dtype") and tf.as_dtype(value.dtype) != dtype:
+        raise TypeError(
+            f"{name} must be {dtype.name} (x is "
+            f"{'float64' if dtype == tf.float64 else 'a float type'}), got "
+            f"{tf.as_dtype(value.dtype).name}")
+    t = tf.convert_to_tensor(value, dtype=dtype)
+    if t.shape.rank is not None and t.shape.rank != 1:
+        raise ValueError(f"{name} must have shape [C], got shape {t.shape}")
+    if (isinstance(channels, int) and t.shape.rank == 1
+            and t.shape[0] is not None and t.shape[0] != channels):
+        raise ValueError(
+            f"{name} must have shape [{channels}] (x's channel count), got "
+            f"shape {t.shape}")
+    return t
+
+
+def _variable_handle(var, name, dtype, shape):
+    """The resource handle of a tf.Variable or Keras variable, checked."""
+    if var is None:
+        return None
+    inner = var
+    if not hasattr(inner, "handle") and hasattr(inner, "value"):
+        inner = inner.value
+    if not hasattr(inner, "handle") or not isinstance(
+            getattr(inner, "handle", None), tf.Tensor):
+        raise TypeError(
+            f"{name} must be a resource tf.Variable (updated in place), got "
+            f"{type(var).__name__}")
+    if tf.as_dtype(inner.dtype) != dtype:
+        raise TypeError(
+            f"{name} must be a {dtype.name} variable, got "
+            f"{tf.as_dtype(inner.dtype).name}")
+    vshape = inner.shape
+    if shape is not None and vshape.rank is not None:
+        if vshape.rank != len(shape) or (
+                shape and shape[0] is not None and vshape[0] is not None
+                and vshape[0] != shape[0]):
+            want = "a scalar" if not shape else f"shape [{shape[0]}]"
+            raise ValueError(f"{name} must have {want}, got shape {vshape}")
+    return inner.handle
+
+
+def _check_momentum(momentum):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+            or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def _check_epsilon(epsilon):
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
+            or not math.isfinite(epsilon) or not float(epsilon) > 0.0:
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+def _check_training(training):
+    """(tensor, python_value_or_None) for a bool or scalar bool tensor."""
+    if isinstance(training, (bool, np.bool_)):
+        return tf.constant(bool(training)), bool(training)
+    if isinstance(training, numbers.Number):
+        raise TypeError(f"training must be a bool or a scalar bool tensor, got {training!r}")
+    t = tf.convert_to_tensor(training)
+    if t.dtype != tf.bool:
+        raise TypeError(
+            f"training must be a bool or a scalar bool tensor, got a "
+            f"{t.dtype.name} tensor")
+    if t.shape.rank is not None and t.shape.rank != 0:
+        raise ValueError(
+            f"training must be a scalar bool, got shape {t.shape}")
+    value = tf.get_static_value(t) if not isinstance(training, tf.Variable) else None
+    return t, (bool(value) if value is not None else None)
+
+
+def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
+               moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
+               unbiased_variance=True, num_updates=None, name=None):
+    """Batch normalization, train and test in one call.
+
+    Args:
+      x: [N, ..., C] (axis=-1) or [N, C, ...] (axis=1), rank 2 to 5;
+        float16, bfloat16, float32 or float64.
+      training: Python bool or scalar bool tensor (placeholder, variable,
+        Keras learning phase). When it is False at run time no batch
+        moments are computed.
+      scale, offset: [C] float32 (float64 for float64 x); None means 1 / 0.
+      moving_mean, moving_variance: [C] float32 (float64) tf.Variables.
+        Training: updated in place by the op,
+        `moving = moving * m + batch * (1 - m)`. Inference: the statistics
+        used. Both or neither; required for inference.
+      momentum: m in [0, 1].
+      epsilon: > 0, added to the variance.
+      axis: the channel axis, -1 or 1.
+      unbiased_variance: the moving variance gets the Bessel-corrected batch
+        variance count / (count - 1) * var (normalization always uses the
+        biased one).
+      num_updates: optional int64 scalar variable: warm-up counter. When
+        given, m = min(momentum, t / (t + 1)) at update t (its value before
+        the update), and it is incremented in place.
+      name: op name.
+
+    Returns:
+      y, with x's shape and dtype; differentiable w.r.t. x, scale, offset.
+    """
+    with tf.name_scope(name or "batch_norm"):
+        x = _check_x(x)
+        data_format = _data_format(x, axis)
+        u = _stat_dtype(x.dtype)
+        c = _channels(x, data_format)
+        momentum = _check_momentum(momentum)
+        epsilon = _check_epsilon(epsilon)
+        training_t, training_value = _check_training(training)
+        if (moving_mean is None) != (moving_variance is None):
+            raise ValueError(
+                "moving_mean and moving_variance must both be given or both "
+                "be None")
+        if num_updates is not None and moving_mean is None:
+            raise ValueError("num_updates needs moving_mean and moving_variance")
+        if moving_mean is None and training_value is not True:
+            raise ValueError(
+                "moving_mean and moving_variance are required unless training "
+                "is the Python value True (inference normalizes with them)")
+        count = _static_count(x, data_format)
+        if training_value is True and count is not None and count < 2:
+            raise ValueError(
+                "training needs at least 2 values per channel to compute batch "
+                f"statistics, got {count} for x of shape {x.shape}")
+        cs = c if isinstance(c, int) else None
+        scale = (tf.ones([c], u) if scale is None
+                 else _check_param(scale, "scale", u, c))
+        offset = (tf.zeros([c], u) if offset is None
+                  else _check_param(offset, "offset", u, c))
+        moving = []
+        if moving_mean is not None:
+            moving = [_variable_handle(moving_mean, "moving_mean", u, [cs]),
+                      _variable_handle(moving_variance, "moving_variance", u, [cs])]
+        counters = []
+        if num_updates is not None:
+            counters = [_variable_handle(num_updates, "num_updates", tf.int64, [])]
+        y, _, _ = _ops.fused_bn_forward(
+            x=x, scale=scale, offset=offset,
+            moving_mean=moving[:1], moving_variance=moving[1:],
+            num_updates=counters, training=training_t,
+            epsilon=epsilon, momentum=momentum,
+            unbiased_variance=bool(unbiased_variance), data_format=data_format)
+        return y
+
+
+def moments(x, axis=-1, name=None):
+    """Biased per-channel (mean, variance) of x, float32 (float64 for float64 x).
+
+    Welford/Chan merges in float32 or better, no E[x^2] - E[x]^2 cancellation.
+    """
+    with tf.name_scope(name or "moments"):
+        x = _check_x(x)
+        data_format = _data_format(x, axis)
+        count = _static_count(x, data_format)
+        if count is not None and count < 1:
+            raise ValueError(f"moments need at least 1 value per channel, x has shape {x.shape}")
+        return _ops.fused_bn_moments(x=x, U=_stat_dtype(x.dtype),
+                                     data_format=data_format)
+
+
+def normalize(x, mean, variance, scale=None, offset=None, epsilon=1e-3,
+              axis=-1, name=None):
+    """y = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel.
+
+    Differentiable w.r.t. x, mean, variance, scale and offset.
+    """
+    with tf.name_scope(name or "normalize"):
+        x = _check_x(x)
+        data_format = _data_format(x, axis)
+        u = _stat_dtype(x.dtype)
+        c = _channels(x, data_format)
+        epsilon = _check_epsilon(epsilon)
+        mean = _check_param(mean, "mean", u, c)
+        variance = _check_param(variance, "variance", u, c)
+        scale = tf.ones([c], u) if scale is None else _check_param(scale, "scale", u, c)
+        offset = tf.zeros([c], u) if offset is None else _check_param(offset, "offset", u, c)
+        return _ops.fused_bn_normalize(x=x, mean=mean, variance=variance,
+                                       scale=scale, offset=offset,
+                                       epsilon=epsilon, data_format=data_format)
+
+
+def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
+                        momentum=0.99, *, unbiased_variance=True,
+                        num_updates=None, name=None):
+    """In-place moving-average update of the moving statistics.
+
+    `count` is the number of values each channel's statistics were reduced
+    over (for the Bessel factor count / (count - 1)). Returns the op (None
+    in eager mode).
+    """
+    with tf.name_scope(name or "update_moving_stats"):
+        momentum = _check_momentum(momentum)
+        mean = tf.convert_to_tensor(mean)
+        u = mean.dtype
+        if u not in (tf.float32, tf.float64):
+            raise TypeError(f"mean must be float32 or float64, got {u.name}")
+        c = mean.shape[0] if mean.shape.rank == 1 else None
+        mean = _check_param(mean, "mean", u, c)
+        variance = _check_param(variance, "variance", u, c)
+        if isinstance(count, numbers.Integral) and count < (2 if unbiased_variance else 1):
+            raise ValueError(
+                f"count must be >= {2 if unbiased_variance else 1}, got {count}")
+        count = tf.cast(count, tf.int64)
+        counters = []
+        if num_updates is not None:
+            counters = [_variable_handle(num_updates, "num_updates", tf.int64, [])]
+        return _ops.fused_bn_update_moving_stats(
+            moving_mean=_variable_handle(moving_mean, "moving_mean", u, [c]),
+            moving_variance=_variable_handle(moving_variance, "moving_variance", u, [c]),
+            num_updates=counters, mean=mean, variance=variance, count=count,
+            momentum=momentum, unbiased_variance=bool(unbiased_variance))
+
+
+def _broadcast_stat(v, x, data_format):
+    """Reshapes a [C] vector to broadcast against x."""
+    if data_format == "channels_last":
+        return v
+    return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(x) - 2], tf.int32)], 0))
+
+
+@tf.RegisterGradient("FusedBn>Forward")
+def _forward_grad(op, dy, _dmean, _dinv):
+    x, scale = op.inputs[0], op.inputs[1]
+    saved_mean, saved_inv_std = op.outputs[1], op.outputs[2]
+    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+        dy=dy, x=x, scale=scale, saved_mean=saved_mean,
+        saved_inv_std=saved_inv_std, training=op.inputs[-1],
+        data_format=op.get_attr("data_format"))
+    return [dx, dscale, doffset] + [None] * (len(op.inputs) - 3)
+
+
+@tf.RegisterGradient("FusedBn>Normalize")
+def _normalize_grad(op, dy):
+    x, mean, variance, scale, _ = op.inputs
+    inv_std = tf.math.rsqrt(variance + tf.cast(op.get_attr("epsilon"), variance.dtype))
+    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+        dy=dy, x=x, scale=scale, saved_mean=mean, saved_inv_std=inv_std,
+        training=tf.constant(False), data_format=op.get_attr("data_format"))
+    # y = scale * (x - mean) * inv_std + offset; dscale = sum(dy * x_hat).
+    dmean = -scale * inv_std * doffset
+    dvariance = -0.5 * scale * inv_std * inv_std * dscale
+    return [dx, dmean, dvariance, dscale, doffset]
+
+
+@tf.RegisterGradient("FusedBn>Moments")
+def _moments_grad(op, dmean, dvariance):
+    x = op.inputs[0]
+    mean = op.outputs[0]
+    data_format = op.get_attr("data_format")
+    u = mean.dtype
+    count = tf.cast(tf.size(x, out_type=tf.int64), u) / tf.cast(tf.size(mean), u)
+    xu = tf.cast(x, u)
+    dx = tf.zeros_like(xu)
+    if dmean is not None:
+        dx += _broadcast_stat(dmean / count, x, data_format)
+    if dvariance is not None:
+        centered = xu - _broadcast_stat(mean, x, data_format)
+        dx += _broadcast_stat(2.0 * dvariance / count, x, data_format) * centered
+    return [tf.cast(dx, x.dtype)]
+
+
+tf.no_gradient("FusedBn>UpdateMovingStats")
+tf.no_gradient("FusedBn>ForwardGrad")
