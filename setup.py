@@ -32,6 +32,8 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(ext.name)))
+        if self.inplace or getattr(self, "editable_mode", False):
+            out_dir = os.path.join(os.path.abspath(os.path.dirname(__file__)), "fused_bn")
         build_dir = os.environ.get("FUSED_BN_BUILD_DIR", os.path.join("build", "cmake"))
         os.makedirs(build_dir, exist_ok=True)
         args = [
