@@ -80,6 +80,22 @@ def np_dtype_or_skip(dtype):
     return NP_DTYPES[dtype]
 
 
+def bf16_round(a):
+    """float32 array of the bfloat16 values nearest to a (ties to even)."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000))
+    return r.view(np.float32)
+
+
+def quantize(a, dtype):
+    """a rounded to dtype: a NumPy array of that dtype, or, for bfloat16
+    without ml_dtypes, a float32 array of bfloat16 values (buffers that know
+    the dtype, like TorchBuffers, take it)."""
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        return bf16_round(a)
+    return np.asarray(a).astype(NP_DTYPES[dtype])
+
+
 # ---------------------------------------------------------------- buffers
 
 class NumpyBuffers:
@@ -91,8 +107,11 @@ class NumpyBuffers:
     def __init__(self, threads=1):
         self.threads = threads
 
-    def put(self, a, offset=0):
-        """A copy of NumPy array `a` starting `offset` elements into a buffer."""
+    def put(self, a, offset=0, dtype=None):
+        """A copy of NumPy array `a` (as `dtype`, a name) starting `offset`
+        elements into a buffer."""
+        if dtype is not None:
+            a = np.asarray(a).astype(np_dtype_or_skip(dtype))
         flat = np.empty(a.size + offset, a.dtype)
         view = flat[offset:].reshape(a.shape)
         view[...] = a
@@ -131,10 +150,10 @@ class TorchBuffers:
         return {"float16": t.float16, "bfloat16": t.bfloat16, "float32": t.float32,
                 "float64": t.float64, "int64": t.int64}[dtype]
 
-    def put(self, a, offset=0):
+    def put(self, a, offset=0, dtype=None):
         t = self.torch
-        name = "bfloat16" if a.dtype == BFLOAT16 else a.dtype.name
-        src = a.astype(np.float32) if name == "bfloat16" else a
+        name = dtype or ("bfloat16" if a.dtype == BFLOAT16 else a.dtype.name)
+        src = a.astype(np.float32) if name == "bfloat16" else a.astype(name)
         flat = t.empty(a.size + offset, dtype=self._tdtype(name), device="cuda")
         view = flat[offset:].view(a.shape)
         view.copy_(t.from_numpy(np.ascontiguousarray(src)).view(a.shape))
@@ -143,7 +162,8 @@ class TorchBuffers:
     def get(self, buf):
         t = self.torch
         if buf.dtype == t.bfloat16:
-            return buf.float().cpu().numpy().astype(BFLOAT16)
+            f = buf.float().cpu().numpy()
+            return f if BFLOAT16 is None else f.astype(BFLOAT16)
         return buf.cpu().numpy()
 
     def ptr(self, buf):
@@ -169,7 +189,7 @@ def make_x(shape, dtype, seed=0, loc=3.0, spread=2.0):
     outer, c, inner = shape
     chan = loc + np.linspace(-1.0, 1.0, c).reshape(1, c, 1)
     x = chan + spread * rng.standard_normal((outer, c, inner))
-    return x.astype(np_dtype_or_skip(dtype))
+    return quantize(x, dtype)
 
 
 def ref_moments(x):
@@ -241,7 +261,7 @@ def run_moments(k, b, dtype, shape, x_buf):
 
 def check_moments(k, b, dtype, shape, offset=0, seed=0):
     x = make_x(shape, dtype, seed)
-    mean, var = run_moments(k, b, dtype, shape, b.put(x, offset))
+    mean, var = run_moments(k, b, dtype, shape, b.put(x, offset, dtype))
     rm, rv = ref_moments(x)
     assert_stat(mean, rm, dtype, "mean", scale=np.max(np.abs(rm)) + 1.0)
     assert_stat(var, rv, dtype, "var")
@@ -256,8 +276,8 @@ def check_normalize(k, b, dtype, shape, offset=0, affine=True, seed=0):
     var = (0.5 + rng.random(c)).astype(u)
     scale = (1 + 0.5 * rng.standard_normal(c)).astype(u) if affine else None
     off = rng.standard_normal(c).astype(u) if affine else None
-    xb = b.put(x, offset)
-    yb = b.put(np.zeros_like(x), offset)
+    xb = b.put(x, offset, dtype)
+    yb = b.put(np.zeros_like(x), offset, dtype)
     bufs = [b.put(a) if a is not None else None for a in (mean, var, scale, off)]
     k.normalize(dtype, *shape, b.ptr(xb), b.ptr(yb), *[b.ptr(t) for t in bufs],
                 epsilon=1e-3, device=b.device, **b.extra())
@@ -296,8 +316,8 @@ def run_forward(k, b, dtype, shape, x, training, offset=0, warmup_t=3,
     off = rng.standard_normal(c).astype(u)
     mm = (3 + rng.standard_normal(c)).astype(u)
     mv = (0.5 + rng.random(c)).astype(u)
-    xb = b.put(x, offset)
-    yb = b.put(np.zeros_like(x), offset)
+    xb = b.put(x, offset, dtype)
+    yb = b.put(np.zeros_like(x), offset, dtype)
     sb, ob, mmb, mvb = (b.put(a) for a in (scale, off, mm, mv))
     saved_m, saved_r = b.put(np.zeros(c, u)), b.put(np.zeros(c, u))
     counter = None if warmup_t is None else b.put(np.array([warmup_t], np.int64))
@@ -352,8 +372,8 @@ def run_backward(k, b, dtype, shape, x, dy, training, offset=0, with_dx=True,
     saved_m = mean.astype(u)
     saved_r = (1 / np.sqrt(var + 1e-3)).astype(u)
     scale = (1 + 0.5 * rng.standard_normal(c)).astype(u)
-    xb, dyb = b.put(x, offset), b.put(dy, offset)
-    dxb = b.put(np.zeros_like(x), offset) if with_dx else None
+    xb, dyb = b.put(x, offset, dtype), b.put(dy, offset, dtype)
+    dxb = b.put(np.zeros_like(x), offset, dtype) if with_dx else None
     smb, srb, scb = b.put(saved_m), b.put(saved_r), b.put(scale)
     dsb, dob = b.put(np.zeros(c, u)), b.put(np.zeros(c, u))
     ws = b.workspace(k.backward_workspace_bytes(dtype, *shape))
@@ -368,7 +388,7 @@ def run_backward(k, b, dtype, shape, x, dy, training, offset=0, with_dx=True,
 def check_backward(k, b, dtype, shape, training, offset=0, with_dx=True, seed=0):
     x = make_x(shape, dtype, seed)
     rng = np.random.default_rng(seed + 4)
-    dy = rng.standard_normal(shape).astype(x.dtype)
+    dy = quantize(rng.standard_normal(shape), dtype)
     out, (sm, sr, scale) = run_backward(k, b, dtype, shape, x, dy, training, offset,
                                         with_dx, seed)
     dx, dscale, doffset = ref_backward(dy, x, sm, sr, scale, training)
