@@ -123,10 +123,13 @@ def _check_momentum(momentum):
     return float(momentum)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_epsilon(epsilon):
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
             or not math.isfinite(epsilon) or not float(epsilon) > 0.0 \
-            or not 0.0 < np.float32(epsilon) < np.inf:
+            or not (float(epsilon) <= _F32_MAX and np.float32(epsilon) > 0.0):
         # The op's attr is float32: 1e-50 or 1e39 would reach it as 0 or inf.
         raise ValueError(
             f"epsilon must be a finite number > 0 (as float32), got {epsilon!r}")
