@@ -379,16 +379,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per channel: merges the gy block partials of channel c in block
-// order (Chan for moments, plain sums for the backward, in double), then
-// finalises it. Block-row b covers min(per, outer - b * per) * inner values.
+// One warp per channel c: lane l merges the partials of block-rows
+// b = l, l + 32, ... in order, then the lanes merge in a fixed shuffle tree
+// (Chan for moments, plain sums for the backward, in double); lane 0
+// finalises. Block-row b covers min(per, outer - b * per) * inner values.
 template <Kind K>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const ReduceArgs a, int64_t gy) {
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= a.C) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t c = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (c >= a.C) return;  // warp-uniform
   double m = 0.0, q = 0.0, n = 0.0;
-  for (int64_t b = 0; b < gy; ++b) {
+  for (int64_t b = lane; b < gy; b += 32) {
     const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
     if (K == Kind::kGrad) {
       m += bm;
@@ -401,7 +403,21 @@ __global__ void __launch_bounds__(kThreads)
       n = nn;
     }
   }
-  finalize<K>(a.f, c, m, q);
+  for (int off = 16; off > 0; off /= 2) {
+    const double om = __shfl_down_sync(0xffffffffu, m, off);
+    const double oq = __shfl_down_sync(0xffffffffu, q, off);
+    const double on = __shfl_down_sync(0xffffffffu, n, off);
+    if (K == Kind::kGrad) {
+      m += om;
+      q += oq;
+    } else if (on > 0.0) {
+      const double nn = n + on, d = om - m;
+      m += d * (on / nn);
+      q += oq + d * d * (n * on / nn);
+      n = nn;
+    }
+  }
+  if (lane == 0) finalize<K>(a.f, c, m, q);
 }
 
 // ---------------------------------------------------------------- apply
@@ -708,7 +724,7 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
   }
   Status st = check_launch("reduce");
   if (!st.ok() || g.gy == 1) return st;
-  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kThreads)), kThreads, 0,
+  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kWarps)), kThreads, 0,
                        stream>>>(a, g.gy);
   return check_launch("finalize");
 }
