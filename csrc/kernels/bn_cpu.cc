@@ -125,22 +125,26 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
 }
 
 // Per-block mean and M2 (two passes over the block while it is in cache).
+// The block mean is stored in double as mean + sum(x - mean) / n, and M2 is
+// corrected by -(sum(x - mean))^2 / n (corrected two-pass): the rounding of
+// the accumulation-type mean (half an ulp of a large offset) adds neither a
+// bias to the variance nor an error to the merged mean.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
-                   typename AccOf<T>::type* __restrict pmean,
+                   double* __restrict pmean,
                    typename AccOf<T>::type* __restrict pm2) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
     const A inv_n = A(1) / A(u.end - u.begin);
-    A* __restrict mean = pmean + u.block * C + u.c0;
+    double* __restrict mean_out = pmean + u.block * C + u.c0;
     A* __restrict m2 = pm2 + u.block * C + u.c0;
     // Sums are shifted by the block's first row: exact for large offsets.
-    A shift[kTileChannels];
+    A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
     for (int64_t c = 0; c < w; ++c) {
       shift[c] = load(x0[c]);
-      mean[c] = m2[c] = A(0);
+      mean[c] = m2[c] = dsum[c] = A(0);
     }
     for (int64_t r = u.begin; r < u.end; ++r) {
       const T* __restrict xr = x + r * C + u.c0;
@@ -151,31 +155,38 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       const T* __restrict xr = x + r * C + u.c0;
       for (int64_t c = 0; c < w; ++c) {
         const A d = load(xr[c]) - mean[c];
+        dsum[c] += d;
         m2[c] += d * d;
       }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      m2[c] = std::max(A(0), m2[c] - dsum[c] * dsum[c] * inv_n);
+      mean_out[c] = double(mean[c]) + double(dsum[c]) * double(inv_n);
     }
   } else {
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
     const A shift = load(xr[u.begin]);
+    const A n = A(u.end - u.begin);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]) - shift;
-    const A mean = shift + sum / A(u.end - u.begin);
-    A m2 = 0;
-#pragma omp simd reduction(+ : m2)
+    const A mean = shift + sum / n;
+    A m2 = 0, dsum = 0;
+#pragma omp simd reduction(+ : m2, dsum)
     for (int64_t i = u.begin; i < u.end; ++i) {
       const A d = load(xr[i]) - mean;
+      dsum += d;
       m2 += d * d;
     }
-    pmean[u.block * s.channels + u.c0] = mean;
-    pm2[u.block * s.channels + u.c0] = m2;
+    pmean[u.block * s.channels + u.c0] = double(mean) + double(dsum) / double(n);
+    pm2[u.block * s.channels + u.c0] = std::max(A(0), m2 - dsum * dsum / n);
   }
 }
 
 // Chan's merge of per-block (mean, M2) in block order; writes biased mean
 // and variance of type U.
 template <typename A, typename U>
-void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
+void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
                    const A* pm2, U* mean, U* var, const ParallelFor& pf) {
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
@@ -189,7 +200,7 @@ void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
         const double nb = double(g.count(s, b));
         const double n_new = n + nb;
         const double fb = nb / n_new, fq = n * nb / n_new;
-        const A* __restrict bm = pmean + b * C + c0;
+        const double* __restrict bm = pmean + b * C + c0;
         const A* __restrict bq = pm2 + b * C + c0;
         for (int64_t c = 0; c < w; ++c) {
           const double d = double(bm[c]) - m[c];
@@ -211,7 +222,8 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
                   const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
   const Blocks g(s);
-  std::vector<A> pmean(g.row_blocks * s.channels), pm2(pmean.size());
+  std::vector<double> pmean(g.row_blocks * s.channels);
+  std::vector<A> pm2(pmean.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 4, [&](int64_t u0, int64_t u1) {
