@@ -11,14 +11,11 @@ import os
 import statistics
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import fused_bn  # noqa: E402
+import fused_bn
 
 
 def load_digits(seed=0):
