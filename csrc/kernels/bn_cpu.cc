@@ -24,6 +24,8 @@ constexpr int64_t kBlockElems = 16384;   // values per channels-last block
 constexpr int64_t kMinRows = 16;         // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
+constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
+constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
 
 struct bf16 {
   uint16_t bits;
@@ -128,66 +130,83 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
 // The block mean is stored in double as mean + sum(x - mean) / n, and M2 is
 // corrected by -(sum(x - mean))^2 / n (corrected two-pass): the rounding of
 // the accumulation-type mean (half an ulp of a large offset) adds neither a
-// bias to the variance nor an error to the merged mean.
+// bias to the variance nor an error to the merged mean. The second pass sums
+// sub-blocks (kSubRows rows, kSubChunk values) in the accumulation type and
+// adds them in double, so the error does not grow with the block length.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
-                   double* __restrict pmean,
-                   typename AccOf<T>::type* __restrict pm2) {
+                   double* __restrict pmean, double* __restrict pm2) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
-    const A inv_n = A(1) / A(u.end - u.begin);
+    const double n = double(u.end - u.begin);
     double* __restrict mean_out = pmean + u.block * C + u.c0;
-    A* __restrict m2 = pm2 + u.block * C + u.c0;
+    double* __restrict m2_out = pm2 + u.block * C + u.c0;
     // Sums are shifted by the block's first row: exact for large offsets.
-    A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels];
+    A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
+    double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
     for (int64_t c = 0; c < w; ++c) {
       shift[c] = load(x0[c]);
-      mean[c] = m2[c] = dsum[c] = A(0);
+      mean[c] = A(0);
+      dsum_d[c] = m2_out[c] = 0.0;
     }
     for (int64_t r = u.begin; r < u.end; ++r) {
       const T* __restrict xr = x + r * C + u.c0;
       for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]) - shift[c];
     }
-    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] * inv_n;
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
+    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / A(n);
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
+      const int64_t r1 = std::min(u.end, r0 + kSubRows);
+      for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * C + u.c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const A d = load(xr[c]) - mean[c];
+          dsum[c] += d;
+          m2[c] += d * d;
+        }
+      }
       for (int64_t c = 0; c < w; ++c) {
-        const A d = load(xr[c]) - mean[c];
-        dsum[c] += d;
-        m2[c] += d * d;
+        dsum_d[c] += double(dsum[c]);
+        m2_out[c] += double(m2[c]);
       }
     }
     for (int64_t c = 0; c < w; ++c) {
-      m2[c] = std::max(A(0), m2[c] - dsum[c] * dsum[c] * inv_n);
-      mean_out[c] = double(mean[c]) + double(dsum[c]) * double(inv_n);
+      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] / n);
+      mean_out[c] = double(mean[c]) + dsum_d[c] / n;
     }
   } else {
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
     const A shift = load(xr[u.begin]);
-    const A n = A(u.end - u.begin);
+    const double n = double(u.end - u.begin);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]) - shift;
-    const A mean = shift + sum / n;
-    A m2 = 0, dsum = 0;
+    const A mean = shift + sum / A(n);
+    double m2_d = 0.0, dsum_d = 0.0;
+    for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
+      const int64_t i1 = std::min(u.end, i0 + kSubChunk);
+      A m2 = 0, dsum = 0;
 #pragma omp simd reduction(+ : m2, dsum)
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      const A d = load(xr[i]) - mean;
-      dsum += d;
-      m2 += d * d;
+      for (int64_t i = i0; i < i1; ++i) {
+        const A d = load(xr[i]) - mean;
+        dsum += d;
+        m2 += d * d;
+      }
+      m2_d += double(m2);
+      dsum_d += double(dsum);
     }
-    pmean[u.block * s.channels + u.c0] = double(mean) + double(dsum) / double(n);
-    pm2[u.block * s.channels + u.c0] = std::max(A(0), m2 - dsum * dsum / n);
+    pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d / n;
+    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d / n);
   }
 }
 
 // Chan's merge of per-block (mean, M2) in block order; writes biased mean
 // and variance of type U.
-template <typename A, typename U>
+template <typename U>
 void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
-                   const A* pm2, U* mean, U* var, const ParallelFor& pf) {
+                   const double* pm2, U* mean, U* var, const ParallelFor& pf) {
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
   pf(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
@@ -201,7 +220,7 @@ void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
         const double n_new = n + nb;
         const double fb = nb / n_new, fq = n * nb / n_new;
         const double* __restrict bm = pmean + b * C + c0;
-        const A* __restrict bq = pm2 + b * C + c0;
+        const double* __restrict bq = pm2 + b * C + c0;
         for (int64_t c = 0; c < w; ++c) {
           const double d = double(bm[c]) - m[c];
           m[c] += d * fb;
@@ -220,10 +239,8 @@ void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
 template <typename T, typename U>
 void moments_impl(const Shape& s, const T* x, U* mean, U* var,
                   const ParallelFor& pf) {
-  using A = typename AccOf<T>::type;
   const Blocks g(s);
-  std::vector<double> pmean(g.row_blocks * s.channels);
-  std::vector<A> pm2(pmean.size());
+  std::vector<double> pmean(g.row_blocks * s.channels), pm2(pmean.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 4, [&](int64_t u0, int64_t u1) {
@@ -349,29 +366,39 @@ Status forward_impl(const ForwardParams& p, const ParallelFor& pf) {
   return Status::Ok();
 }
 
-// Per-block sums of dy and dy * (x - mean).
+// Per-block sums of dy and dy * (x - mean), in double: each sub-block of
+// kSubRows rows (channels-last) or kSubChunk values (channels-first) is
+// summed in the accumulation type, then added in double, so the error does
+// not grow with the block length.
 template <typename T, typename U>
 void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
                      const T* __restrict x, const U* mean,
-                     typename AccOf<T>::type* __restrict pdy,
-                     typename AccOf<T>::type* __restrict pdyx) {
+                     double* __restrict pdy, double* __restrict pdyx) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
-    A* __restrict sd = pdy + u.block * C + u.c0;
-    A* __restrict sx = pdyx + u.block * C + u.c0;
-    A m[kTileChannels];
+    double* __restrict sd_out = pdy + u.block * C + u.c0;
+    double* __restrict sx_out = pdyx + u.block * C + u.c0;
+    A m[kTileChannels], sd[kTileChannels], sx[kTileChannels];
     for (int64_t c = 0; c < w; ++c) {
-      sd[c] = sx[c] = A(0);
+      sd_out[c] = sx_out[c] = 0.0;
       m[c] = A(mean[u.c0 + c]);
     }
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
-      const T* __restrict dr = dy + r * C + u.c0;
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
+      const int64_t r1 = std::min(u.end, r0 + kSubRows);
+      for (int64_t c = 0; c < w; ++c) sd[c] = sx[c] = A(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * C + u.c0;
+        const T* __restrict dr = dy + r * C + u.c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const A d = load(dr[c]);
+          sd[c] += d;
+          sx[c] += d * (load(xr[c]) - m[c]);
+        }
+      }
       for (int64_t c = 0; c < w; ++c) {
-        const A d = load(dr[c]);
-        sd[c] += d;
-        sx[c] += d * (load(xr[c]) - m[c]);
+        sd_out[c] += double(sd[c]);
+        sx_out[c] += double(sx[c]);
       }
     }
   } else {
@@ -379,15 +406,21 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
     const T* __restrict xr = x + off;
     const T* __restrict dr = dy + off;
     const A m = A(mean[u.c0]);
-    A sd = 0, sx = 0;
+    double sd_acc = 0.0, sx_acc = 0.0;
+    for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
+      const int64_t i1 = std::min(u.end, i0 + kSubChunk);
+      A sd = 0, sx = 0;
 #pragma omp simd reduction(+ : sd, sx)
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      const A d = load(dr[i]);
-      sd += d;
-      sx += d * (load(xr[i]) - m);
+      for (int64_t i = i0; i < i1; ++i) {
+        const A d = load(dr[i]);
+        sd += d;
+        sx += d * (load(xr[i]) - m);
+      }
+      sd_acc += double(sd);
+      sx_acc += double(sx);
     }
-    pdy[u.block * s.channels + u.c0] = sd;
-    pdyx[u.block * s.channels + u.c0] = sx;
+    pdy[u.block * s.channels + u.c0] = sd_acc;
+    pdyx[u.block * s.channels + u.c0] = sx_acc;
   }
 }
 
@@ -402,7 +435,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   const U* inv_std = static_cast<const U*>(p.saved_inv_std);
   const U* scale = static_cast<const U*>(p.scale);
   const Blocks g(s);
-  std::vector<A> pdy(g.row_blocks * C), pdyx(pdy.size());
+  std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 6, [&](int64_t u0, int64_t u1) {
