@@ -521,6 +521,14 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
     *a.increment += 1;
   }
   const int64_t rows = a.outer * a.C, S = a.inner;
+  // No rows (outer == 0): the row loop below never runs, so an inference
+  // forward writes its saved statistics here (the contract: always written).
+  if (!kGrad && rows == 0 && a.saved_mean) {
+    for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < a.C;
+         c += int64_t(gridDim.x) * kThreads) {
+      coef_of<kGrad>(a, c, true);
+    }
+  }
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   T* out = static_cast<T*>(a.out);
