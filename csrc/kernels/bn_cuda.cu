@@ -687,8 +687,12 @@ Status dispatch(DType t, F&& f) {
   return Status::Error("unsupported dtype");
 }
 
+// inner == 0 is a channels-first tensor with an empty spatial axis (TF's
+// ShapeOf gives it for NCHW x with H == 0): an empty tensor, like outer == 0.
+// Element pointers of an empty tensor may be null (TF gives null data() for
+// zero elements); the kernels never dereference them then.
 Status check_shape(const Shape& s) {
-  if (s.outer < 0 || s.channels < 0 || s.inner < 1) {
+  if (s.outer < 0 || s.channels < 0 || s.inner < 0) {
     return Status::Error("fused_bn: bad shape (outer=" +
                          std::to_string(s.outer) + ", channels=" +
                          std::to_string(s.channels) + ", inner=" +
@@ -788,7 +792,7 @@ size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
 Status moments(const MomentsParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.mean || !p.var) {
+  if ((!p.x && p.shape.size() > 0) || !p.mean || !p.var) {
     return Status::Error("moments: x, mean and var are required");
   }
   return dispatch(p.dtype, [&](auto tag) {
@@ -805,7 +809,7 @@ Status moments(const MomentsParams& p, cudaStream_t stream) {
 Status normalize(const NormalizeParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.y || !p.mean || !p.var) {
+  if (((!p.x || !p.y) && p.shape.size() > 0) || !p.mean || !p.var) {
     return Status::Error("normalize: x, y, mean and var are required");
   }
   return dispatch(p.dtype, [&](auto tag) {
@@ -845,7 +849,8 @@ Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
 Status forward(const ForwardParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.y || !p.saved_mean || !p.saved_inv_std) {
+  if (((!p.x || !p.y) && p.shape.size() > 0) || !p.saved_mean ||
+      !p.saved_inv_std) {
     return Status::Error(
         "forward: x, y, saved_mean and saved_inv_std are required");
   }
@@ -894,7 +899,8 @@ Status forward(const ForwardParams& p, cudaStream_t stream) {
 Status backward(const BackwardParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.dy || !p.saved_mean || !p.saved_inv_std) {
+  if (((!p.x || !p.dy) && p.shape.size() > 0) || !p.saved_mean ||
+      !p.saved_inv_std) {
     return Status::Error(
         "backward: dy, x, saved_mean and saved_inv_std are required");
   }
