@@ -104,7 +104,7 @@ def _variable_handle(var, name, dtype, shape):
             f"{type(var).__name__}")
     if tf.as_dtype(inner.dtype) != dtype:
         raise TypeError(
-            f"{name} must be a {dtype.name} variable, got "
+            f"{name} must be a variable of dtype {dtype.name}, got "
             f"{tf.as_dtype(inner.dtype).name}")
     vshape = inner.shape
     if shape is not None and vshape.rank is not None:

@@ -122,7 +122,7 @@ inline absl::Status LookupVar(OpKernelContext* ctx, const Tensor& handle,
   }
   if (t->dtype() != dtype || t->shape() != shape) {
     return errors::InvalidArgument(
-        name, " must be a ", DataTypeString(dtype), " variable of shape ",
+        name, " must be a variable of dtype ", DataTypeString(dtype), " and shape ",
         shape.DebugString(), ", got ", DataTypeString(t->dtype()), " ",
         t->shape().DebugString());
   }
