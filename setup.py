@@ -3,7 +3,8 @@
 TensorFlow must already be installed (its flags and version are read by
 CMake), so build with `pip install --no-build-isolation .`. Environment:
 FUSED_BN_CUDA=auto|0|1, FUSED_BN_CUDA_ARCHS="80-real;90-real;90-virtual",
-FUSED_BN_BUILD_DIR (default build/cmake).
+FUSED_BN_BUILD_DIR (default build/cmake), FUSED_BN_TF_DIST (the pinned
+TensorFlow distribution), FUSED_BN_LOCAL_VERSION (e.g. "+cu130").
 """
 import os
 import re
@@ -15,13 +16,21 @@ from setuptools.command.build_ext import build_ext
 
 
 def tf_requirement():
-    """Pins the TensorFlow minor version this build's custom ops are for."""
+    """Pins the TensorFlow distribution and minor version this build is for.
+
+    The distribution is the installed one (tensorflow or tensorflow-cpu)
+    unless FUSED_BN_TF_DIST names another.
+    """
     try:
         import tensorflow as tf
+        from importlib.metadata import packages_distributions
     except ImportError:
         return "tensorflow>=2.21,<2.22"
+    dists = [d for d in packages_distributions().get("tensorflow", []) if d.startswith("tensorflow")]
+    dist = os.environ.get("FUSED_BN_TF_DIST") or (dists[0] if dists else "tensorflow")
+    dist = dist.replace("_", "-")
     major, minor = re.match(r"(\d+)\.(\d+)", tf.__version__).groups()
-    return f"tensorflow>={major}.{minor},<{major}.{int(minor) + 1}"
+    return f"{dist}>={major}.{minor},<{major}.{int(minor) + 1}"
 
 
 class CMakeExtension(Extension):
@@ -32,6 +41,8 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(ext.name)))
+        if self.inplace or getattr(self, "editable_mode", False):
+            out_dir = os.path.join(os.path.abspath(os.path.dirname(__file__)), "fused_bn")
         build_dir = os.environ.get("FUSED_BN_BUILD_DIR", os.path.join("build", "cmake"))
         os.makedirs(build_dir, exist_ok=True)
         args = [
@@ -50,7 +61,7 @@ class CMakeBuild(build_ext):
 
 setup(
     name="fused_bn",
-    version="0.1.0",
+    version="0.1.0" + os.environ.get("FUSED_BN_LOCAL_VERSION", ""),
     description="Fast, misuse-proof batch normalization ops for TensorFlow",
     packages=["fused_bn", "fused_bn.compat"],
     python_requires=">=3.9",

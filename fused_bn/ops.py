@@ -123,10 +123,16 @@ def _check_momentum(momentum):
     return float(momentum)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_epsilon(epsilon):
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
-            or not math.isfinite(epsilon) or not float(epsilon) > 0.0:
-        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+            or not math.isfinite(epsilon) or not float(epsilon) > 0.0 \
+            or not (float(epsilon) <= _F32_MAX and np.float32(epsilon) > 0.0):
+        # The op's attr is float32: 1e-50 or 1e39 would reach it as 0 or inf.
+        raise ValueError(
+            f"epsilon must be a finite number > 0 (as float32), got {epsilon!r}")
     return float(epsilon)
 
 
@@ -134,7 +140,7 @@ def _check_training(training):
     """(tensor, python_value_or_None) for a bool or scalar bool tensor."""
     if isinstance(training, (bool, np.bool_)):
         return tf.constant(bool(training)), bool(training)
-    if isinstance(training, numbers.Number):
+    if training is None or isinstance(training, numbers.Number):
         raise TypeError(f"training must be a bool or a scalar bool tensor, got {training!r}")
     t = tf.convert_to_tensor(training)
     if t.dtype != tf.bool:
@@ -276,6 +282,10 @@ def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
         c = mean.shape[0] if mean.shape.rank == 1 else None
         mean = _check_param(mean, "mean", u, c)
         variance = _check_param(variance, "variance", u, c)
+        if isinstance(count, bool) or (
+                not isinstance(count, numbers.Integral)
+                and not (hasattr(count, "dtype") and tf.as_dtype(count.dtype).is_integer)):
+            raise TypeError(f"count must be an integer (values per channel), got {count!r}")
         if isinstance(count, numbers.Integral) and count < (2 if unbiased_variance else 1):
             raise ValueError(
                 f"count must be >= {2 if unbiased_variance else 1}, got {count}")

@@ -135,12 +135,18 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const A inv_n = A(1) / A(u.end - u.begin);
     A* __restrict mean = pmean + u.block * C + u.c0;
     A* __restrict m2 = pm2 + u.block * C + u.c0;
-    for (int64_t c = 0; c < w; ++c) mean[c] = m2[c] = A(0);
+    // Sums are shifted by the block's first row: exact for large offsets.
+    A shift[kTileChannels];
+    const T* __restrict x0 = x + u.begin * C + u.c0;
+    for (int64_t c = 0; c < w; ++c) {
+      shift[c] = load(x0[c]);
+      mean[c] = m2[c] = A(0);
+    }
     for (int64_t r = u.begin; r < u.end; ++r) {
       const T* __restrict xr = x + r * C + u.c0;
-      for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]);
+      for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]) - shift[c];
     }
-    for (int64_t c = 0; c < w; ++c) mean[c] *= inv_n;
+    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] * inv_n;
     for (int64_t r = u.begin; r < u.end; ++r) {
       const T* __restrict xr = x + r * C + u.c0;
       for (int64_t c = 0; c < w; ++c) {
@@ -150,10 +156,11 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     }
   } else {
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
+    const A shift = load(xr[u.begin]);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]);
-    const A mean = sum / A(u.end - u.begin);
+    for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]) - shift;
+    const A mean = shift + sum / A(u.end - u.begin);
     A m2 = 0;
 #pragma omp simd reduction(+ : m2)
     for (int64_t i = u.begin; i < u.end; ++i) {

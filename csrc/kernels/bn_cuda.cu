@@ -1,0 +1,906 @@
+// CUDA kernels for bn_cuda.h.
+//
+// Every operation is a reduction stage and/or an elementwise stage:
+//   reduce:   per-thread Welford (or plain sums for the backward) over a slab
+//             of the reduced axes, merged over the block in a fixed tree
+//             order. With one block-row (gy == 1, small tensors) the block
+//             finalises its channels itself; otherwise it writes partials
+//             [gy, C] to the workspace and finalize_kernel merges them per
+//             channel in block order (Chan, in double). No atomics anywhere:
+//             results are bitwise identical run to run.
+//   apply:    y = (x - mean) * (scale * inv_std) + offset, or the dx formula.
+// Finalising a training forward updates the moving statistics in the same
+// launch; the warm-up counter is read there and incremented once by the
+// following apply launch of the same forward (every block of the finalising
+// launch must read the old value first).
+// Loads are 16-byte vectors where the layout and pointers allow (channels-last:
+// C a multiple of the vector width and 16-byte aligned pointers; channels-
+// first: equal pointer misalignment, each row then has a scalar head, an
+// aligned vector body and a scalar tail); otherwise scalar.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "bn_cuda.h"
+
+namespace fused_bn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kVecBytes = 16;
+constexpr int64_t kTargetBlocks = 1024;       // reduction grid size, ~8/SM
+constexpr int64_t kApplyBlocks = 4096;        // elementwise grid size cap
+constexpr int64_t kSmallElems = int64_t(1) << 20;  // single block-row below
+constexpr int64_t kMinRowsPerThread = 4;      // channels-last reduce slab
+constexpr int64_t kMinSlabElems = 16384;      // channels-first reduce slab
+constexpr int64_t kMaxGridY = 65535;
+
+enum class Kind { kMoments, kForward, kGrad };
+
+// ---------------------------------------------------------------- elements
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
+}
+template <int N, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+// Runs scalar(i) and vec(i) (VEC values from i on) over [0, n) of a row that
+// starts at p: a scalar head up to the first 16-byte boundary, aligned
+// vectors, a scalar tail. Lane `lane` of `width` takes every width-th item.
+template <int VEC, typename T, typename FS, typename FV>
+__device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
+                                        int width, FS&& scalar, FV&& vec) {
+  if (VEC == 1) {
+    for (int64_t i = lane; i < n; i += width) scalar(i);
+    return;
+  }
+  const int64_t mis = reinterpret_cast<uintptr_t>(p) % kVecBytes;
+  const int64_t head =
+      min(n, int64_t((kVecBytes - mis) % kVecBytes) / int64_t(sizeof(T)));
+  const int64_t body = (n - head) / VEC;
+  if (lane < head) scalar(lane);
+#pragma unroll 2
+  for (int64_t j = lane; j < body; j += width) vec(head + j * VEC);
+  for (int64_t i = head + body * VEC + lane; i < n; i += width) scalar(i);
+}
+
+// ---------------------------------------------------------------- Welford
+
+struct Welford {
+  float n, mean, m2;
+};
+__device__ __forceinline__ void push(Welford& w, float x) {
+  w.n += 1.f;
+  const float d = x - w.mean;
+  w.mean += d / w.n;
+  w.m2 += d * (x - w.mean);
+}
+__device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  const float n = a.n + b.n, fb = b.n / n, d = b.mean - a.mean;
+  return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.n * fb};
+}
+template <int N>
+__device__ __forceinline__ void push_pack(Welford& w, const float (&x)[N]) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) s += x[i];
+  const float m = s * (1.f / N);
+  float q = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) q += (x[i] - m) * (x[i] - m);
+  w = merge(w, Welford{float(N), m, q});
+}
+
+// ---------------------------------------------------------------- finalise
+
+// What happens to a channel once its statistics over all `count` values are
+// known. kMoments/kForward get (mean, M2); kGrad gets (sum dy, sum dy*(x-mean)).
+struct Final {
+  int64_t C = 0;
+  int64_t count = 0;
+  // kMoments
+  float* mean = nullptr;
+  float* var = nullptr;
+  // kForward
+  float* saved_mean = nullptr;
+  float* saved_inv_std = nullptr;
+  double epsilon = 0;
+  float* moving_mean = nullptr;
+  float* moving_var = nullptr;
+  const int64_t* num_updates = nullptr;
+  double momentum = 0;
+  bool unbiased = true;
+  // kGrad
+  const float* grad_mean = nullptr;     // the forward's saved_mean
+  const float* grad_inv_std = nullptr;  // the forward's saved_inv_std
+  const float* scale = nullptr;
+  bool training = true;
+  float* dscale = nullptr;
+  float* doffset = nullptr;
+  float* coef = nullptr;  // [3, C]: k_dy, k_x, k_0 for the dx pass
+};
+
+template <Kind K>
+__device__ void finalize(const Final& f, int64_t c, double a, double b) {
+  const double n = double(f.count);
+  if (K == Kind::kMoments) {
+    f.mean[c] = float(a);
+    f.var[c] = float(b / n);
+  } else if (K == Kind::kForward) {
+    const double var = b / n;
+    f.saved_mean[c] = float(a);
+    f.saved_inv_std[c] = float(1.0 / sqrt(var + f.epsilon));
+    if (f.moving_mean) {
+      double m = f.momentum;
+      if (f.num_updates) {
+        const double t = double(*f.num_updates);
+        m = fmin(m, t / (t + 1.0));
+      }
+      const double bessel = f.unbiased && f.count > 1 ? n / (n - 1.0) : 1.0;
+      f.moving_mean[c] = float(double(f.moving_mean[c]) * m + a * (1.0 - m));
+      f.moving_var[c] =
+          float(double(f.moving_var[c]) * m + var * bessel * (1.0 - m));
+    }
+  } else {
+    const double r = f.grad_inv_std[c];
+    const double ds = b * r;
+    if (f.dscale) f.dscale[c] = float(ds);
+    if (f.doffset) f.doffset[c] = float(a);
+    const double kd = (f.scale ? double(f.scale[c]) : 1.0) * r;
+    f.coef[c] = float(kd);
+    f.coef[f.C + c] = f.training ? float(-kd * r * ds / n) : 0.f;
+    f.coef[2 * f.C + c] = f.training ? float(-kd * a / n) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------- reduce
+
+struct ReduceArgs {
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  int64_t outer = 0, C = 0, inner = 1;
+  int tx = 1;        // channels-last: threads across channel vectors
+  int64_t per = 0;   // rows (channels-last) or samples (channels-first) per
+                     // block-row
+  float* part_a = nullptr;  // [gy, C] partial mean / sum dy
+  float* part_b = nullptr;  // [gy, C] partial M2 / sum dy*(x-mean)
+  Final f;
+};
+
+// Channels-last [M, C] reduction. Thread (tx, ty) = (tid % TX, tid / TX)
+// owns channels [VEC * (blockIdx.x * TX + tx), +VEC) and rows
+// r0 + ty, r0 + ty + TY, ... of block-row blockIdx.y's slab [r0, r0 + per).
+// The TY partials of a channel are merged in shared memory in a fixed tree.
+template <typename T, int VEC, Kind K>
+__global__ void __launch_bounds__(kThreads)
+    reduce_cl_kernel(const ReduceArgs a) {
+  __shared__ float sh_a[kThreads * VEC], sh_b[kThreads * VEC], sh_n[kThreads];
+  const int tid = threadIdx.x, TX = a.tx, TY = kThreads / a.tx;
+  const int tx = tid % TX, ty = tid / TX;
+  const int64_t C = a.C;
+  const int64_t c0 = (int64_t(blockIdx.x) * TX + tx) * VEC;
+  const bool active = c0 < C;
+  const int64_t r0 = int64_t(blockIdx.y) * a.per;
+  const int64_t r1 = min(a.outer, r0 + a.per);
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.dy);
+  float sa[VEC], sb[VEC], mc[VEC], n = 0.f;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = mc[v] = 0.f;
+  if (active) {
+    if (K == Kind::kGrad) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) mc[v] = a.f.grad_mean[c0 + v];
+    }
+#pragma unroll 4
+    for (int64_t r = r0 + ty; r < r1; r += TY) {
+      float xv[VEC];
+      load<VEC>(x + r * C + c0, xv);
+      if (K == Kind::kGrad) {
+        float dv[VEC];
+        load<VEC>(dy + r * C + c0, dv);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          sa[v] += dv[v];
+          sb[v] += dv[v] * (xv[v] - mc[v]);
+        }
+      } else {
+        n += 1.f;
+        const float inv = 1.f / n;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float d = xv[v] - sa[v];
+          sa[v] += d * inv;
+          sb[v] += d * (xv[v] - sa[v]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    sh_a[tid * VEC + v] = sa[v];
+    sh_b[tid * VEC + v] = sb[v];
+  }
+  sh_n[tid] = n;
+  for (int stride = TY / 2; stride > 0; stride /= 2) {
+    __syncthreads();
+    if (ty < stride) {
+      const int o = tid + stride * TX;
+      const float no = sh_n[o];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if (K == Kind::kGrad) {
+          sa[v] += sh_a[o * VEC + v];
+          sb[v] += sh_b[o * VEC + v];
+        } else {
+          const Welford w =
+              merge({n, sa[v], sb[v]}, {no, sh_a[o * VEC + v], sh_b[o * VEC + v]});
+          sa[v] = w.mean;
+          sb[v] = w.m2;
+        }
+        sh_a[tid * VEC + v] = sa[v];
+        sh_b[tid * VEC + v] = sb[v];
+      }
+      n += no;
+      sh_n[tid] = n;
+    }
+  }
+  if (ty != 0 || !active) return;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (gridDim.y == 1) {
+      finalize<K>(a.f, c0 + v, sa[v], sb[v]);
+    } else {
+      a.part_a[blockIdx.y * C + c0 + v] = sa[v];
+      a.part_b[blockIdx.y * C + c0 + v] = sb[v];
+    }
+  }
+}
+
+// Channels-first [N, C, S] reduction of channel blockIdx.x over samples
+// [n0, n0 + per) of block-row blockIdx.y: warp w reduces the rows (n, c) with
+// n = n0 + w, n0 + w + 8, ...; its lanes stride over the row's S contiguous
+// values. Lanes merge by shuffles (fixed order), then warps in order.
+template <typename T, int VEC, Kind K>
+__global__ void __launch_bounds__(kThreads)
+    reduce_cf_kernel(const ReduceArgs a) {
+  __shared__ Welford sh[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c = blockIdx.x, C = a.C, S = a.inner;
+  const int64_t n0 = int64_t(blockIdx.y) * a.per;
+  const int64_t n1 = min(a.outer, n0 + a.per);
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.dy);
+  const float mc = K == Kind::kGrad ? a.f.grad_mean[c] : 0.f;
+  // Moments: (n, mean, m2). Grad: (unused, sum dy, sum dy*(x-mean)).
+  Welford w{0.f, 0.f, 0.f};
+  for (int64_t s = n0 + warp; s < n1; s += kWarps) {
+    const int64_t off = (s * C + c) * S;
+    const T* xr = x + off;
+    if (K == Kind::kGrad) {
+      const T* dr = dy + off;
+      for_row<VEC>(
+          xr, S, lane, 32,
+          [&](int64_t i) {
+            const float d = to_float(dr[i]);
+            w.mean += d;
+            w.m2 += d * (to_float(xr[i]) - mc);
+          },
+          [&](int64_t i) {
+            float xv[VEC], dv[VEC];
+            load<VEC>(xr + i, xv);
+            load<VEC>(dr + i, dv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              w.mean += dv[v];
+              w.m2 += dv[v] * (xv[v] - mc);
+            }
+          });
+    } else {
+      for_row<VEC>(
+          xr, S, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
+          [&](int64_t i) {
+            float xv[VEC];
+            load<VEC>(xr + i, xv);
+            push_pack(w, xv);
+          });
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const Welford o{__shfl_down_sync(0xffffffffu, w.n, off),
+                    __shfl_down_sync(0xffffffffu, w.mean, off),
+                    __shfl_down_sync(0xffffffffu, w.m2, off)};
+    if (K == Kind::kGrad) {
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = merge(w, o);
+    }
+  }
+  if (lane == 0) sh[warp] = w;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int i = 1; i < kWarps; ++i) {
+    if (K == Kind::kGrad) {
+      w.mean += sh[i].mean;
+      w.m2 += sh[i].m2;
+    } else {
+      w = merge(w, sh[i]);
+    }
+  }
+  if (gridDim.y == 1) {
+    finalize<K>(a.f, c, w.mean, w.m2);
+  } else {
+    a.part_a[blockIdx.y * C + c] = w.mean;
+    a.part_b[blockIdx.y * C + c] = w.m2;
+  }
+}
+
+// One thread per channel: merges the gy block partials of channel c in block
+// order (Chan for moments, plain sums for the backward, in double), then
+// finalises it. Block-row b covers min(per, outer - b * per) * inner values.
+template <Kind K>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const ReduceArgs a, int64_t gy) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.C) return;
+  double m = 0.0, q = 0.0, n = 0.0;
+  for (int64_t b = 0; b < gy; ++b) {
+    const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
+    if (K == Kind::kGrad) {
+      m += bm;
+      q += bq;
+    } else {
+      const double nb = double(min(a.per, a.outer - b * a.per) * a.inner);
+      const double nn = n + nb, d = bm - m;
+      m += d * (nb / nn);
+      q += bq + d * d * (n * nb / nn);
+      n = nn;
+    }
+  }
+  finalize<K>(a.f, c, m, q);
+}
+
+// ---------------------------------------------------------------- apply
+
+struct ApplyArgs {
+  const void* x = nullptr;
+  const void* dy = nullptr;  // backward only
+  void* out = nullptr;       // y or dx
+  int64_t outer = 0, C = 0, inner = 1;
+  int tx = 1;
+  // Normalize: per channel (mean, k = scale * inv_std, b = offset), with
+  // inv_std = stat, or rsqrt(stat + epsilon) when stat_is_var.
+  const float* mean = nullptr;
+  const float* stat = nullptr;
+  bool stat_is_var = false;
+  double epsilon = 0;
+  const float* scale = nullptr;
+  const float* offset = nullptr;
+  float* saved_mean = nullptr;     // written when given (inference forward)
+  float* saved_inv_std = nullptr;
+  int64_t* increment = nullptr;    // ++*increment once (training forward)
+  // Backward: [3, C] k_dy, k_x, k_0: dx = k_dy*dy + k_x*(x-mean) + k_0.
+  const float* coef = nullptr;
+};
+
+struct Coef {
+  float m, k, b, kx;
+};
+
+template <bool kGrad>
+__device__ __forceinline__ Coef coef_of(const ApplyArgs& a, int64_t c,
+                                        bool write_saved) {
+  Coef r;
+  r.m = a.mean[c];
+  if (kGrad) {
+    r.k = a.coef[c];
+    r.kx = a.coef[a.C + c];
+    r.b = a.coef[2 * a.C + c];
+    return r;
+  }
+  const double inv = a.stat_is_var ? 1.0 / sqrt(double(a.stat[c]) + a.epsilon)
+                                   : double(a.stat[c]);
+  r.k = float((a.scale ? double(a.scale[c]) : 1.0) * inv);
+  r.b = a.offset ? a.offset[c] : 0.f;
+  r.kx = 0.f;
+  if (write_saved && a.saved_mean) {
+    a.saved_mean[c] = r.m;
+    a.saved_inv_std[c] = float(inv);
+  }
+  return r;
+}
+
+template <bool kGrad>
+__device__ __forceinline__ float apply1(const Coef& k, float x, float d) {
+  return kGrad ? k.k * d + k.kx * (x - k.m) + k.b : (x - k.m) * k.k + k.b;
+}
+
+// Channels-last [M, C] elementwise pass. Thread (tx, ty) owns channels
+// [VEC * (blockIdx.x * TX + tx), +VEC) (coefficients in registers) and rows
+// blockIdx.y * TY + ty + k * gridDim.y * TY.
+template <typename T, int VEC, bool kGrad>
+__global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
+  const int TX = a.tx, TY = kThreads / a.tx;
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  const int64_t C = a.C;
+  const int64_t c0 = (int64_t(blockIdx.x) * TX + tx) * VEC;
+  if (!kGrad && a.increment && blockIdx.x == 0 && blockIdx.y == 0 &&
+      threadIdx.x == 0) {
+    *a.increment += 1;
+  }
+  if (c0 >= C) return;
+  Coef k[VEC];
+  const bool saver = blockIdx.y == 0 && ty == 0;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) k[v] = coef_of<kGrad>(a, c0 + v, saver);
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.dy);
+  T* out = static_cast<T*>(a.out);
+  const int64_t step = int64_t(gridDim.y) * TY;
+#pragma unroll 4
+  for (int64_t r = int64_t(blockIdx.y) * TY + ty; r < a.outer; r += step) {
+    const int64_t off = r * C + c0;
+    float xv[VEC], dv[VEC], ov[VEC];
+    load<VEC>(x + off, xv);
+    if (kGrad) load<VEC>(dy + off, dv);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
+    }
+    store<VEC>(out + off, ov);
+  }
+}
+
+// Channels-first [N, C, S] elementwise pass. Warp w of block b handles rows
+// (n, c) = r = b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the
+// channel's coefficients and broadcasts them; lanes stride over the S values.
+template <typename T, int VEC, bool kGrad>
+__global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (!kGrad && a.increment && blockIdx.x == 0 && threadIdx.x == 0) {
+    *a.increment += 1;
+  }
+  const int64_t rows = a.outer * a.C, S = a.inner;
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.dy);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + warp; r < rows;
+       r += int64_t(gridDim.x) * kWarps) {
+    const int64_t c = r % a.C;
+    Coef k{0.f, 0.f, 0.f, 0.f};
+    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C);
+    k.m = __shfl_sync(0xffffffffu, k.m, 0);
+    k.k = __shfl_sync(0xffffffffu, k.k, 0);
+    k.b = __shfl_sync(0xffffffffu, k.b, 0);
+    k.kx = __shfl_sync(0xffffffffu, k.kx, 0);
+    const T* xr = x + r * S;
+    const T* dr = kGrad ? dy + r * S : nullptr;
+    T* orow = out + r * S;
+    for_row<VEC>(
+        xr, S, lane, 32,
+        [&](int64_t i) {
+          const float d = kGrad ? to_float(dr[i]) : 0.f;
+          orow[i] = from_float<T>(apply1<kGrad>(k, to_float(xr[i]), d));
+        },
+        [&](int64_t i) {
+          float xv[VEC], dv[VEC], ov[VEC];
+          load<VEC>(xr + i, xv);
+          if (kGrad) load<VEC>(dr + i, dv);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            ov[v] = apply1<kGrad>(k, xv[v], kGrad ? dv[v] : 0.f);
+          }
+          store<VEC>(orow + i, ov);
+        });
+  }
+}
+
+// ---------------------------------------------------------------- update
+
+// One block: every thread reads the counter, then updates channels
+// tid, tid + 256, ...; thread 0 increments the counter after a barrier.
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const float* mean, const float* var, int64_t C,
+                  int64_t count, float* mm, float* mv, int64_t* num_updates,
+                  double momentum, bool unbiased) {
+  double m = momentum;
+  if (num_updates) {
+    const double t = double(*num_updates);
+    m = fmin(m, t / (t + 1.0));
+  }
+  const double bessel =
+      unbiased && count > 1 ? double(count) / double(count - 1) : 1.0;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    mm[c] = float(double(mm[c]) * m + double(mean[c]) * (1.0 - m));
+    mv[c] = float(double(mv[c]) * m + double(var[c]) * bessel * (1.0 - m));
+  }
+  __syncthreads();
+  if (num_updates && threadIdx.x == 0) *num_updates += 1;
+}
+
+// ---------------------------------------------------------------- host side
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+int vec_width(DType t) { return kVecBytes / int(element_bytes(t)); }
+
+// Threads across channel vectors in a channels-last block.
+int cl_tx(int64_t vectors) {
+  int tx = 1;
+  while (tx < 32 && tx < vectors) tx *= 2;
+  return tx;
+}
+
+// Grid of a reduction: gx blocks across channels, gy block-rows of `per`
+// rows (channels-last) or samples (channels-first).
+struct ReduceGeo {
+  int tx = 1;
+  int64_t gx = 1, gy = 1, per = 1;
+};
+
+ReduceGeo reduce_geo(const Shape& s, int vec) {
+  ReduceGeo g;
+  const bool small = s.size() <= kSmallElems;
+  if (s.inner == 1) {
+    const int64_t vectors = ceil_div(s.channels, vec);
+    g.tx = cl_tx(vectors);
+    // Small tensors: one block-row; narrow the channel tiles for more blocks.
+    while (small && g.tx > 4 && ceil_div(vectors, g.tx) < 64) g.tx /= 2;
+    g.gx = ceil_div(vectors, g.tx);
+    const int64_t ty = kThreads / g.tx;
+    g.gy = small ? 1
+                 : std::min({ceil_div(kTargetBlocks, g.gx),
+                             ceil_div(s.outer, ty * kMinRowsPerThread),
+                             kMaxGridY});
+  } else {
+    g.gx = s.channels;
+    g.gy = small ? 1
+                 : std::min({ceil_div(kTargetBlocks, s.channels), s.outer,
+                             ceil_div(s.count(), kMinSlabElems), kMaxGridY});
+  }
+  g.gy = std::max<int64_t>(g.gy, 1);
+  g.per = std::max<int64_t>(ceil_div(s.outer, g.gy), 1);
+  g.gy = std::max<int64_t>(ceil_div(s.outer, g.per), 1);
+  return g;
+}
+
+// Bytes of the [gy, C] x 2 partials for either vector width.
+size_t partial_bytes(const Shape& s, DType t) {
+  const int64_t gy = std::max(reduce_geo(s, vec_width(t)).gy,
+                              reduce_geo(s, 1).gy);
+  return gy > 1 ? align256(2 * gy * s.channels * sizeof(float)) : 0;
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
+}
+
+// The vector width the pointers of a launch allow (nullptrs ignored).
+int pick_vec(const Shape& s, DType t, std::initializer_list<const void*> ptrs) {
+  const int v = vec_width(t);
+  const void* first = *ptrs.begin();
+  for (const void* p : ptrs) {
+    if (!p) continue;
+    if (s.inner == 1 ? !aligned16(p)
+                     : reinterpret_cast<uintptr_t>(p) % kVecBytes !=
+                           reinterpret_cast<uintptr_t>(first) % kVecBytes) {
+      return 1;
+    }
+  }
+  return s.inner == 1 && s.channels % v != 0 ? 1 : v;
+}
+
+Status check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return Status::Ok();
+  return Status::Error(std::string("fused_bn: CUDA launch of ") + what +
+                       " failed: " + cudaGetErrorString(e));
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// The one runtime-dtype -> template dispatch.
+template <typename F>
+Status dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat16:
+      return f(Tag<__half>());
+    case DType::kBFloat16:
+      return f(Tag<__nv_bfloat16>());
+    case DType::kFloat32:
+      return f(Tag<float>());
+    case DType::kFloat64:
+      return Status::Error("float64 is not supported on GPU");
+  }
+  return Status::Error("unsupported dtype");
+}
+
+Status check_shape(const Shape& s) {
+  if (s.outer < 0 || s.channels < 0 || s.inner < 1) {
+    return Status::Error("fused_bn: bad shape (outer=" +
+                         std::to_string(s.outer) + ", channels=" +
+                         std::to_string(s.channels) + ", inner=" +
+                         std::to_string(s.inner) + ")");
+  }
+  return Status::Ok();
+}
+
+// Reduction stage of kind K; finalises into a.f (one or two launches).
+template <typename T, Kind K>
+Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
+                  cudaStream_t stream) {
+  constexpr int V = kVecBytes / sizeof(T);
+  const int vec = pick_vec(s, t, {a.x, a.dy});
+  const ReduceGeo g = reduce_geo(s, vec);
+  a.outer = s.outer;
+  a.C = s.channels;
+  a.inner = s.inner;
+  a.tx = g.tx;
+  a.per = g.per;
+  a.f.C = s.channels;
+  a.f.count = s.count();
+  if (g.gy > 1) {
+    if (!workspace) return Status::Error("fused_bn: workspace is required");
+    a.part_a = static_cast<float*>(workspace);
+    a.part_b = a.part_a + g.gy * s.channels;
+  }
+  const dim3 grid{unsigned(g.gx), unsigned(g.gy)};
+  if (s.inner == 1) {
+    if (vec == V) {
+      reduce_cl_kernel<T, V, K><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      reduce_cl_kernel<T, 1, K><<<grid, kThreads, 0, stream>>>(a);
+    }
+  } else {
+    if (vec == V) {
+      reduce_cf_kernel<T, V, K><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      reduce_cf_kernel<T, 1, K><<<grid, kThreads, 0, stream>>>(a);
+    }
+  }
+  Status st = check_launch("reduce");
+  if (!st.ok() || g.gy == 1) return st;
+  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kThreads)), kThreads, 0,
+                       stream>>>(a, g.gy);
+  return check_launch("finalize");
+}
+
+// Elementwise stage (one launch).
+template <typename T, bool kGrad>
+Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
+  constexpr int V = kVecBytes / sizeof(T);
+  const int vec = pick_vec(s, t, {a.x, a.out, a.dy});
+  a.outer = s.outer;
+  a.C = s.channels;
+  a.inner = s.inner;
+  if (s.inner == 1) {
+    const int64_t vectors = ceil_div(s.channels, vec);
+    a.tx = cl_tx(vectors);
+    const int64_t gx = ceil_div(vectors, a.tx);
+    const int64_t gy = std::max<int64_t>(
+        1, std::min({ceil_div(s.outer, kThreads / a.tx),
+                     ceil_div(kApplyBlocks, gx), kMaxGridY}));
+    const dim3 grid{unsigned(gx), unsigned(gy)};
+    if (vec == V) {
+      apply_cl_kernel<T, V, kGrad><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      apply_cl_kernel<T, 1, kGrad><<<grid, kThreads, 0, stream>>>(a);
+    }
+  } else {
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min(ceil_div(s.outer * s.channels, kWarps), kApplyBlocks * 4));
+    if (vec == V) {
+      apply_cf_kernel<T, V, kGrad><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    } else {
+      apply_cf_kernel<T, 1, kGrad><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    }
+  }
+  return check_launch(kGrad ? "backward dx" : "normalize");
+}
+
+}  // namespace
+
+size_t moments_workspace_bytes(const Shape& shape, DType dtype) {
+  return partial_bytes(shape, dtype);
+}
+
+size_t forward_workspace_bytes(const Shape& shape, DType dtype) {
+  return partial_bytes(shape, dtype);
+}
+
+size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
+  return align256(3 * shape.channels * sizeof(float)) +
+         partial_bytes(shape, dtype);
+}
+
+Status moments(const MomentsParams& p, cudaStream_t stream) {
+  Status st = check_shape(p.shape);
+  if (!st.ok() || p.shape.channels == 0) return st;
+  if (!p.x || !p.mean || !p.var) {
+    return Status::Error("moments: x, mean and var are required");
+  }
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    ReduceArgs a;
+    a.x = p.x;
+    a.f.mean = static_cast<float*>(p.mean);
+    a.f.var = static_cast<float*>(p.var);
+    return run_reduce<T, Kind::kMoments>(p.shape, p.dtype, a, p.workspace,
+                                         stream);
+  });
+}
+
+Status normalize(const NormalizeParams& p, cudaStream_t stream) {
+  Status st = check_shape(p.shape);
+  if (!st.ok() || p.shape.channels == 0) return st;
+  if (!p.x || !p.y || !p.mean || !p.var) {
+    return Status::Error("normalize: x, y, mean and var are required");
+  }
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    ApplyArgs a;
+    a.x = p.x;
+    a.out = p.y;
+    a.mean = static_cast<const float*>(p.mean);
+    a.stat = static_cast<const float*>(p.var);
+    a.stat_is_var = true;
+    a.epsilon = p.epsilon;
+    a.scale = static_cast<const float*>(p.scale);
+    a.offset = static_cast<const float*>(p.offset);
+    return run_apply<T, false>(p.shape, p.dtype, a, stream);
+  });
+}
+
+Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::kFloat64) {
+    return Status::Error("float64 is not supported on GPU");
+  }
+  if (p.channels < 0) return Status::Error("update: channels < 0");
+  if (p.channels == 0 && !p.num_updates) return Status::Ok();
+  if (p.channels > 0 &&
+      (!p.mean || !p.var || !p.moving_mean || !p.moving_var)) {
+    return Status::Error(
+        "update: mean, var, moving_mean and moving_var are required");
+  }
+  update_kernel<<<1, kThreads, 0, stream>>>(
+      static_cast<const float*>(p.mean), static_cast<const float*>(p.var),
+      p.channels, p.count, static_cast<float*>(p.moving_mean),
+      static_cast<float*>(p.moving_var), p.num_updates, p.momentum,
+      p.unbiased_variance);
+  return check_launch("update");
+}
+
+Status forward(const ForwardParams& p, cudaStream_t stream) {
+  Status st = check_shape(p.shape);
+  if (!st.ok() || p.shape.channels == 0) return st;
+  if (!p.x || !p.y || !p.saved_mean || !p.saved_inv_std) {
+    return Status::Error(
+        "forward: x, y, saved_mean and saved_inv_std are required");
+  }
+  if (!p.training && (!p.moving_mean || !p.moving_var)) {
+    return Status::Error("inference needs moving_mean and moving_variance");
+  }
+  if (p.training && (p.moving_mean != nullptr) != (p.moving_var != nullptr)) {
+    return Status::Error("forward: give both moving_mean and moving_var");
+  }
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    ApplyArgs a;
+    a.x = p.x;
+    a.out = p.y;
+    a.epsilon = p.epsilon;
+    a.scale = static_cast<const float*>(p.scale);
+    a.offset = static_cast<const float*>(p.offset);
+    if (p.training) {
+      ReduceArgs r;
+      r.x = p.x;
+      r.f.saved_mean = static_cast<float*>(p.saved_mean);
+      r.f.saved_inv_std = static_cast<float*>(p.saved_inv_std);
+      r.f.epsilon = p.epsilon;
+      r.f.moving_mean = static_cast<float*>(p.moving_mean);
+      r.f.moving_var = static_cast<float*>(p.moving_var);
+      r.f.num_updates = p.num_updates;
+      r.f.momentum = p.momentum;
+      r.f.unbiased = p.unbiased_variance;
+      Status s = run_reduce<T, Kind::kForward>(p.shape, p.dtype, r,
+                                               p.workspace, stream);
+      if (!s.ok()) return s;
+      a.mean = static_cast<const float*>(p.saved_mean);
+      a.stat = static_cast<const float*>(p.saved_inv_std);
+      a.increment = p.moving_mean ? p.num_updates : nullptr;
+    } else {
+      a.mean = static_cast<const float*>(p.moving_mean);
+      a.stat = static_cast<const float*>(p.moving_var);
+      a.stat_is_var = true;
+      a.saved_mean = static_cast<float*>(p.saved_mean);
+      a.saved_inv_std = static_cast<float*>(p.saved_inv_std);
+    }
+    return run_apply<T, false>(p.shape, p.dtype, a, stream);
+  });
+}
+
+Status backward(const BackwardParams& p, cudaStream_t stream) {
+  Status st = check_shape(p.shape);
+  if (!st.ok() || p.shape.channels == 0) return st;
+  if (!p.x || !p.dy || !p.saved_mean || !p.saved_inv_std) {
+    return Status::Error(
+        "backward: dy, x, saved_mean and saved_inv_std are required");
+  }
+  if (!p.workspace) return Status::Error("backward: workspace is required");
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    float* coef = static_cast<float*>(p.workspace);
+    ReduceArgs r;
+    r.x = p.x;
+    r.dy = p.dy;
+    r.f.grad_mean = static_cast<const float*>(p.saved_mean);
+    r.f.grad_inv_std = static_cast<const float*>(p.saved_inv_std);
+    r.f.scale = static_cast<const float*>(p.scale);
+    r.f.training = p.training;
+    r.f.dscale = static_cast<float*>(p.dscale);
+    r.f.doffset = static_cast<float*>(p.doffset);
+    r.f.coef = coef;
+    char* partials = static_cast<char*>(p.workspace) +
+                     align256(3 * p.shape.channels * sizeof(float));
+    Status s = run_reduce<T, Kind::kGrad>(p.shape, p.dtype, r, partials, stream);
+    if (!s.ok() || !p.dx) return s;
+    ApplyArgs a;
+    a.x = p.x;
+    a.dy = p.dy;
+    a.out = p.dx;
+    a.mean = static_cast<const float*>(p.saved_mean);
+    a.coef = coef;
+    return run_apply<T, true>(p.shape, p.dtype, a, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fused_bn

@@ -1,0 +1,184 @@
+"""`fused_bn.BatchNormalization`: a Keras 3 drop-in for
+`keras.layers.BatchNormalization` backed by the fused op."""
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from . import reference
+from .ops import batch_norm
+
+__all__ = ["BatchNormalization"]
+
+
+@keras.saving.register_keras_serializable(package="fused_bn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization layer; one fused op per call.
+
+    Same arguments, weights (`gamma`, `beta`, `moving_mean`,
+    `moving_variance`) and numerics as `keras.layers.BatchNormalization`,
+    plus:
+
+    - `num_updates`: an int64 non-trainable weight, the warm-up counter.
+    - `warmup=True`: until the EMA horizon is reached, the moving statistics
+      are the exact average of the batches seen so far (update t uses
+      momentum `min(momentum, t / (t + 1))`): no cold start. `False` is plain
+      EMA, as Keras does.
+    - `unbiased_variance=True`: the moving variance receives the
+      Bessel-corrected batch variance, as TF1's fused batch norm did. Keras
+      uses the biased one: `warmup=False, unbiased_variance=False` matches
+      `keras.layers.BatchNormalization` exactly.
+
+    The op updates the moving statistics in place when it runs in training
+    mode (no `add_update`, no assigns). `training=True` with
+    `trainable=False` runs in inference mode, as Keras' layer does.
+
+    `axis` is the channel axis and must be the last or the second axis
+    (channels-last or channels-first) of an input of rank 2 to 5. Masks,
+    `synchronized=True` and `renorm=True` are not supported.
+
+    XLA: the custom op cannot be compiled by XLA, so the layer declares
+    `supports_jit = False` (Keras then compiles the model without XLA). Inside
+    a `tf.function(jit_compile=True)` it runs `fused_bn.reference.batch_norm`,
+    plain TensorFlow ops with the same semantics on the same variables.
+    """
+
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True,
+                 scale=True, beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros",
+                 moving_variance_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, synchronized=False, renorm=False,
+                 renorm_clipping=None, renorm_momentum=0.99, warmup=True,
+                 unbiased_variance=True, **kwargs):
+        super().__init__(**kwargs)
+        if synchronized:
+            raise ValueError(
+                "fused_bn.BatchNormalization does not support "
+                "synchronized=True (cross-replica statistics); use "
+                "keras.layers.BatchNormalization(synchronized=True)")
+        if renorm:
+            raise ValueError(
+                "fused_bn.BatchNormalization does not support renorm=True; "
+                "use keras.layers.BatchNormalization(renorm=True)")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        if not float(epsilon) > 0.0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        self.axis = int(axis)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+        self.warmup = bool(warmup)
+        self.unbiased_variance = bool(unbiased_variance)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_jit = False
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.num_updates = None
+
+    def _op_axis(self, rank):
+        """-1 or 1, the op's channel axis for an input of this rank."""
+        if not 2 <= rank <= 5:
+            raise ValueError(
+                "fused_bn.BatchNormalization needs inputs of rank 2 to 5, got "
+                f"rank {rank}")
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"axis {self.axis} is out of bounds for an input of rank {rank}")
+        axis = self.axis % rank
+        if axis == rank - 1:
+            return -1
+        if axis == 1:
+            return 1
+        raise ValueError(
+            "fused_bn.BatchNormalization supports the channel axis -1 "
+            f"(channels-last) or 1 (channels-first), got axis={self.axis} for "
+            f"an input of rank {rank}; use keras.layers.BatchNormalization "
+            "for other axes")
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._axis = self._op_axis(rank)
+        channels = input_shape[self.axis]
+        if channels is None:
+            raise ValueError(
+                "the channel dimension (axis "
+                f"{self.axis}) of the input must be known, got shape "
+                f"{tuple(input_shape)}")
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint, trainable=True,
+                autocast=False)
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint, trainable=True,
+                autocast=False)
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean",
+            initializer=self.moving_mean_initializer, trainable=False,
+            autocast=False)
+        self.moving_variance = self.add_weight(
+            shape=shape, name="moving_variance",
+            initializer=self.moving_variance_initializer, trainable=False,
+            autocast=False)
+        self.num_updates = self.add_weight(
+            shape=(), name="num_updates", initializer="zeros", dtype="int64",
+            trainable=False, autocast=False)
+        self.input_spec = keras.layers.InputSpec(
+            ndim=rank, axes={self.axis: channels})
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise NotImplementedError(
+                "fused_bn.BatchNormalization does not support masks; use "
+                "keras.layers.BatchNormalization for masked inputs")
+        if training is None or not self.trainable:
+            training = False
+        x = tf.cast(inputs, self.compute_dtype)
+        fn = reference.batch_norm if reference.in_xla_context() else batch_norm
+        return fn(
+            x, training, self.gamma, self.beta, self.moving_mean,
+            self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
+            axis=self._axis, unbiased_variance=self.unbiased_variance,
+            num_updates=self.num_updates if self.warmup else None)
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "warmup": self.warmup,
+            "unbiased_variance": self.unbiased_variance,
+        }
+        return {**super().get_config(), **config}

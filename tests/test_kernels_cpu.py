@@ -1,0 +1,128 @@
+"""CPU kernels through the pybind11 module `fused_bn._kernels`, against float64
+NumPy references. Skipped when the module is not built."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+import _kernels_util as ku  # noqa: E402
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+# [outer, C, inner]: inner == 1 is channels-last, inner > 1 channels-first.
+SHAPES = [
+    (2, 1, 1), (2, 3, 1), (37, 63, 1), (100, 64, 1), (33, 1100, 1),
+    (1, 1, 2), (2, 3, 5), (3, 63, 7), (4, 64, 49), (2, 8, 20000),
+]
+IDS = [f"{o}x{c}x{i}" for o, c, i in SHAPES]
+
+
+@pytest.fixture(scope="module")
+def k():
+    return ku.kernels_or_skip()
+
+
+@pytest.fixture(params=[1, 3], ids=["serial", "threads3"])
+def buffers(request):
+    return ku.NumpyBuffers(threads=request.param)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments(k, buffers, dtype, shape):
+    ku.check_moments(k, buffers, dtype, shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize(k, dtype, shape, affine):
+    ku.check_normalize(k, ku.NumpyBuffers(), dtype, shape, affine=affine)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("warmup_t", [None, 0, 1, 5, 1000])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_update(k, dtype, warmup_t, unbiased):
+    ku.check_update(k, ku.NumpyBuffers(), dtype, 5, 7, warmup_t, unbiased)
+
+
+def test_update_count_one_has_no_bessel(k):
+    ku.check_update(k, ku.NumpyBuffers(), "float32", 3, 1, None, False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_forward(k, buffers, dtype, shape, training):
+    ku.check_forward(k, buffers, dtype, shape, training)
+
+
+@pytest.mark.parametrize("warmup_t", [None, 0, 2])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_forward_update_semantics(k, warmup_t, unbiased):
+    ku.check_forward(k, ku.NumpyBuffers(), "float32", (6, 5, 3), True,
+                     warmup_t=warmup_t, unbiased=unbiased)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_backward(k, buffers, dtype, shape, training):
+    ku.check_backward(k, buffers, dtype, shape, training)
+
+
+def test_backward_without_dx(k):
+    ku.check_backward(k, ku.NumpyBuffers(), "float32", (5, 7, 3), True, with_dx=False)
+
+
+@pytest.mark.parametrize("shape", [(1000, 63, 1), (16, 5, 3000)], ids=["nhwc", "nchw"])
+def test_thread_count_does_not_change_results(k, shape):
+    x = ku.make_x(shape, "float32")
+    runs = [ku.run_forward(k, ku.NumpyBuffers(t), "float32", shape, x, True)[0]
+            for t in (1, 2, 5)]
+    for r in runs[1:]:
+        for name in ("y", "saved_mean", "saved_inv_std", "moving_mean", "moving_var"):
+            assert r[name].tobytes() == runs[0][name].tobytes(), name
+
+
+def test_large_mean_variance_is_accurate(k):
+    # E[x^2] - E[x]^2 would lose every digit here in float32.
+    shape = (4096, 4, 1)
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    b = ku.NumpyBuffers()
+    mean, var = ku.run_moments(k, b, "float32", shape, b.put(x))
+    _, rv = ku.ref_moments(x)
+    np.testing.assert_allclose(var, rv, rtol=1e-3)
+
+
+def test_errors(k):
+    x = np.zeros((4, 3), np.float32)
+    m = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        k.moments("int8", 4, 3, 1, x.ctypes.data, m.ctypes.data, m.ctypes.data)
+    with pytest.raises(ValueError, match="shape"):
+        k.moments("float32", 4, 3, 0, x.ctypes.data, m.ctypes.data, m.ctypes.data)
+    with pytest.raises(ValueError, match="x must not be 0"):
+        k.moments("float32", 4, 3, 1, 0, m.ctypes.data, m.ctypes.data)
+    with pytest.raises(ValueError, match="inference needs"):
+        k.forward("float32", 4, 3, 1, x.ctypes.data, x.ctypes.data, m.ctypes.data,
+                  m.ctypes.data, training=False)
+    with pytest.raises(ValueError, match="device"):
+        k.moments("float32", 4, 3, 1, x.ctypes.data, m.ctypes.data, m.ctypes.data,
+                  device="tpu")
+    if not k.has_cuda():
+        with pytest.raises(ValueError, match="no CUDA"):
+            k.moments("float32", 4, 3, 1, x.ctypes.data, m.ctypes.data,
+                      m.ctypes.data, device="cuda")
+
+
+def test_workspace_bytes(k):
+    for fn in (k.moments_workspace_bytes, k.forward_workspace_bytes,
+               k.backward_workspace_bytes):
+        n = fn("float16", 256 * 56 * 56, 64, 1)
+        assert n >= 0 and (n % 256 == 0)
+        if not k.has_cuda():
+            assert n == 0
