@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None,
                    help="comma list: float32,bfloat16,float16 (default: "
                         "float32,bfloat16 on cpu, float32,float16 on gpu)")
-    p.add_argument("--layout", default="NHWC,NCHW", help="NHWC,NCHW")
+    p.add_argument("--layout", default=None,
+                   help="NHWC,NCHW (default: both; NHWC with --quick)")
     p.add_argument("--shapes", default=None,
                    help="comma list of NxHxWxC / NxC shapes or set names "
                         f"({', '.join(SHAPE_SETS)}); default: the device's set")
@@ -92,10 +93,11 @@ def parse_args(argv=None):
             "float32,bfloat16" if a.device == "cpu" else "float32,float16")
     if a.quick:
         a.shapes = a.shapes or "quick"
-        a.layout = "NHWC" if a.layout == "NHWC,NCHW" else a.layout
+        a.layout = a.layout or "NHWC"
         a.reps = a.reps or 3
         a.min_time = a.min_time or 0.001
     a.shapes = a.shapes or a.device
+    a.layout = a.layout or "NHWC,NCHW"
     a.reps = a.reps or 15
     a.min_time = a.min_time or 0.02
     return a
@@ -489,7 +491,7 @@ def write_markdown(path, report):
             cells = ["n/a"] * 3
         else:
             cells = [f"{f['median_ms']:.3f} ({f['min_ms']:.3f}, "
-                     f"{100 * f['spread']:.0f}%)", f"{f['gbps']:.1f}",
+                     f"{100 * f['spread']:.0f}%)", f"{f['gbps']:.3g}",
                      f"{100 * f['fraction_of_copy']:.0f}%"]
         for b in BASELINES:
             if b in c["speedup"]:
