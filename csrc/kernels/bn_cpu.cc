@@ -24,6 +24,13 @@ constexpr int64_t kBlockElems = 16384;   // values per channels-last block
 constexpr int64_t kMinRows = 16;         // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
+// Channels-last loops walk a group of kGroup rows (contiguous, in L1) one
+// vector of channels at a time, so per-channel values (accumulators,
+// coefficients) are loaded once per group and live in registers meanwhile.
+// Each channel still sees its rows in order, as in a row-by-row loop.
+constexpr int64_t kGroup = 8;
+// Merges of fewer partial values than this run on the calling thread.
+constexpr int64_t kSerialMerge = int64_t(1) << 18;
 
 struct bf16 {
   uint16_t bits;
@@ -61,6 +68,77 @@ inline bf16 store<bf16>(float v) {
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
   return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+// One 32-byte vector of accumulator type A (GCC/Clang vector extensions):
+// the channels-last loops below are written with it so that per-channel
+// values stay in registers, whatever the auto-vectorizer decides.
+typedef float V8f __attribute__((vector_size(32)));
+typedef double V4d __attribute__((vector_size(32)));
+template <typename A>
+struct Vec {
+  using type = V8f;
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Vec<double> {
+  using type = V4d;
+  static constexpr int64_t lanes = 4;
+};
+template <typename T>
+using VecOf = typename Vec<typename AccOf<T>::type>::type;
+template <typename T>
+constexpr int64_t kLanesOf = Vec<typename AccOf<T>::type>::lanes;
+
+template <typename V>
+inline V vload_acc(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+inline void vstore_acc(void* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// Loads kLanesOf<T> values of T as a vector of A.
+template <typename T>
+inline VecOf<T> vload(const T* p) {
+  return vload_acc<VecOf<T>>(p);
+}
+template <>
+inline VecOf<half> vload(const half* p) {
+  using H = half __attribute__((vector_size(16)));
+  return __builtin_convertvector(vload_acc<H>(p), VecOf<half>);
+}
+template <>
+inline VecOf<bf16> vload(const bf16* p) {
+  using U16 = uint16_t __attribute__((vector_size(16)));
+  using U32 = uint32_t __attribute__((vector_size(32)));
+  const U32 u = __builtin_convertvector(vload_acc<U16>(p), U32) << 16;
+  VecOf<bf16> f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+// Stores a vector of A as kLanesOf<T> values of T, rounding as store<T>.
+template <typename T>
+inline void vstore(T* p, VecOf<T> v) {
+  vstore_acc(p, v);
+}
+template <>
+inline void vstore(half* p, VecOf<half> v) {
+  using H = half __attribute__((vector_size(16)));
+  vstore_acc(p, __builtin_convertvector(v, H));
+}
+template <>
+inline void vstore(bf16* p, VecOf<bf16> v) {
+  using U16 = uint16_t __attribute__((vector_size(16)));
+  using U32 = uint32_t __attribute__((vector_size(32)));
+  U32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U32 quiet = (u >> 16) | 0x40u;
+  const U32 r = ((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded;
+  vstore_acc(p, __builtin_convertvector(r, U16));
 }
 
 // Geometry of the reduction blocks of one shape.
@@ -131,6 +209,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
                    typename AccOf<T>::type* __restrict pm2) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
+    using V = VecOf<T>;
     const int64_t C = s.channels, w = u.c1 - u.c0;
     const A inv_n = A(1) / A(u.end - u.begin);
     A* __restrict mean = pmean + u.block * C + u.c0;
@@ -142,16 +221,38 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       shift[c] = load(x0[c]);
       mean[c] = m2[c] = A(0);
     }
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
-      for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]) - shift[c];
+    const T* __restrict xb = x + u.c0;
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
+      const int64_t r1 = std::min(u.end, r0 + kGroup);
+      int64_t c = 0;
+      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
+        V acc = vload_acc<V>(mean + c);
+        const V sh = vload_acc<V>(shift + c);
+        for (int64_t r = r0; r < r1; ++r) acc += vload(xb + r * C + c) - sh;
+        vstore_acc(mean + c, acc);
+      }
+      for (; c < w; ++c) {
+        for (int64_t r = r0; r < r1; ++r) mean[c] += load(xb[r * C + c]) - shift[c];
+      }
     }
     for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] * inv_n;
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
-      for (int64_t c = 0; c < w; ++c) {
-        const A d = load(xr[c]) - mean[c];
-        m2[c] += d * d;
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
+      const int64_t r1 = std::min(u.end, r0 + kGroup);
+      int64_t c = 0;
+      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
+        V acc = vload_acc<V>(m2 + c);
+        const V mu = vload_acc<V>(mean + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          const V d = vload(xb + r * C + c) - mu;
+          acc += d * d;
+        }
+        vstore_acc(m2 + c, acc);
+      }
+      for (; c < w; ++c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const A d = load(xb[r * C + c]) - mean[c];
+          m2[c] += d * d;
+        }
       }
     }
   } else {
@@ -179,7 +280,8 @@ void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
                    const A* pm2, U* mean, U* var, const ParallelFor& pf) {
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
-  pf(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
+  const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
+  run(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
     double m[kMergeTile], q[kMergeTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kMergeTile, w = std::min(kMergeTile, C - c0);
@@ -224,7 +326,7 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
 
 // y = (x - mean) * a + offset, per channel.
 template <typename T, typename U>
-void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
+void apply_impl(const Shape& s, const T* __restrict x_, T* __restrict y_,
                 const U* mean, const U* a, const U* offset,
                 const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
@@ -242,6 +344,9 @@ void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
       const A* __restrict mm = m.data();
       const A* __restrict kk = k.data();
       const A* __restrict bb = b.data();
+      const T* __restrict x = x_;
+      T* __restrict y = y_;
+      const int64_t C = s.channels;
       const int64_t r1 = std::min(s.outer, b1 * rows_per);
       for (int64_t r = b0 * rows_per; r < r1; ++r) {
         const T* __restrict xr = x + r * C;
@@ -254,6 +359,8 @@ void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
   } else {
     const int64_t S = s.inner;
     pf(s.outer * C, S * 2, [&](int64_t r0, int64_t r1) {
+      const T* __restrict x = x_;
+      T* __restrict y = y_;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A mm = A(mean[c]), kk = A(a[c]);
@@ -353,13 +460,29 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
       sd[c] = sx[c] = A(0);
       m[c] = A(mean[u.c0 + c]);
     }
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
-      const T* __restrict dr = dy + r * C + u.c0;
-      for (int64_t c = 0; c < w; ++c) {
-        const A d = load(dr[c]);
-        sd[c] += d;
-        sx[c] += d * (load(xr[c]) - m[c]);
+    const T* __restrict xb = x + u.c0;
+    const T* __restrict db = dy + u.c0;
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
+      const int64_t r1 = std::min(u.end, r0 + kGroup);
+      int64_t c = 0;
+      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
+        using V = VecOf<T>;
+        V ad = vload_acc<V>(sd + c), ax = vload_acc<V>(sx + c);
+        const V mu = vload_acc<V>(m + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          const V d = vload(db + r * C + c);
+          ad += d;
+          ax += d * (vload(xb + r * C + c) - mu);
+        }
+        vstore_acc(sd + c, ad);
+        vstore_acc(sx + c, ax);
+      }
+      for (; c < w; ++c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const A d = load(db[r * C + c]);
+          sd[c] += d;
+          sx[c] += d * (load(xb[r * C + c]) - m[c]);
+        }
       }
     }
   } else {
@@ -384,8 +507,8 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
   const Shape& s = p.shape;
   const int64_t C = s.channels;
-  const T* x = static_cast<const T*>(p.x);
-  const T* dy = static_cast<const T*>(p.dy);
+  const T* x_ = static_cast<const T*>(p.x);
+  const T* dy_ = static_cast<const T*>(p.dy);
   const U* mean = static_cast<const U*>(p.saved_mean);
   const U* inv_std = static_cast<const U*>(p.saved_inv_std);
   const U* scale = static_cast<const U*>(p.scale);
@@ -395,13 +518,14 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 6, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      block_grad_sums(s, unit_of(s, g, u), dy, x, mean, pdy.data(),
+      block_grad_sums(s, unit_of(s, g, u), dy_, x_, mean, pdy.data(),
                       pdyx.data());
     }
   });
   // Sum the block partials in block order, in double.
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
-  pf((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
+  const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
+  run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
      [&](int64_t t0, int64_t t1) {
        for (int64_t t = t0; t < t1; ++t) {
          const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
@@ -430,11 +554,15 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
     m[c] = A(mean[c]);
   }
   if (!p.dx) return Status::Ok();
-  T* dx = static_cast<T*>(p.dx);
+  T* dx_ = static_cast<T*>(p.dx);
   if (s.inner == 1) {
     const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
     const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
     pf(blocks, rows_per * C * 3, [&](int64_t b0, int64_t b1) {
+      const T* __restrict x = x_;
+      const T* __restrict dy = dy_;
+      T* __restrict dx = dx_;
+      const int64_t C = s.channels;
       const A* __restrict kd = k_dy.data();
       const A* __restrict kx = k_x.data();
       const A* __restrict k0 = k_0.data();
@@ -453,6 +581,9 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   } else {
     const int64_t S = s.inner;
     pf(s.outer * C, S * 3, [&](int64_t r0, int64_t r1) {
+      const T* __restrict x = x_;
+      const T* __restrict dy = dy_;
+      T* __restrict dx = dx_;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
