@@ -51,6 +51,11 @@ class BatchNormalization(keras.layers.Layer):
                  renorm_clipping=None, renorm_momentum=0.99, warmup=True,
                  unbiased_variance=True, **kwargs):
         super().__init__(**kwargs)
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "fused_bn.BatchNormalization runs a TensorFlow op and needs "
+                "the Keras TensorFlow backend (KERAS_BACKEND=tensorflow), got "
+                f"{keras.backend.backend()!r}")
         if synchronized:
             raise ValueError(
                 "fused_bn.BatchNormalization does not support "

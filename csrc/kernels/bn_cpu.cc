@@ -24,10 +24,11 @@ constexpr int64_t kBlockElems = 16384;   // values per channels-last block
 constexpr int64_t kMinRows = 16;         // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
-// Channels-last loops walk a group of kGroup rows (contiguous, in L1) one
-// vector of channels at a time, so per-channel values (accumulators,
-// coefficients) are loaded once per group and live in registers meanwhile.
-// Each channel still sees its rows in order, as in a row-by-row loop.
+constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
+constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
+// Channels-last loops walk a group of rows (contiguous, in L1) one vector of
+// channels at a time, so per-channel sums live in registers meanwhile. Each
+// channel still sees its rows in order, as in a row-by-row loop.
 constexpr int64_t kGroup = 8;
 // Merges of fewer partial values than this run on the calling thread.
 constexpr int64_t kSerialMerge = int64_t(1) << 18;
@@ -203,23 +204,30 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
 }
 
 // Per-block mean and M2 (two passes over the block while it is in cache).
+// The block mean is stored in double as mean + sum(x - mean) / n, and M2 is
+// corrected by -(sum(x - mean))^2 / n (corrected two-pass): the rounding of
+// the accumulation-type mean (half an ulp of a large offset) adds neither a
+// bias to the variance nor an error to the merged mean. The second pass sums
+// sub-blocks (kSubRows rows, kSubChunk values) in the accumulation type and
+// adds them in double, so the error does not grow with the block length.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
-                   typename AccOf<T>::type* __restrict pmean,
-                   typename AccOf<T>::type* __restrict pm2) {
+                   double* __restrict pmean, double* __restrict pm2) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
     using V = VecOf<T>;
     const int64_t C = s.channels, w = u.c1 - u.c0;
-    const A inv_n = A(1) / A(u.end - u.begin);
-    A* __restrict mean = pmean + u.block * C + u.c0;
-    A* __restrict m2 = pm2 + u.block * C + u.c0;
+    const double n = double(u.end - u.begin);
+    double* __restrict mean_out = pmean + u.block * C + u.c0;
+    double* __restrict m2_out = pm2 + u.block * C + u.c0;
     // Sums are shifted by the block's first row: exact for large offsets.
-    A shift[kTileChannels];
+    A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
+    double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
     for (int64_t c = 0; c < w; ++c) {
       shift[c] = load(x0[c]);
-      mean[c] = m2[c] = A(0);
+      mean[c] = A(0);
+      dsum_d[c] = m2_out[c] = 0.0;
     }
     const T* __restrict xb = x + u.c0;
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
@@ -235,49 +243,69 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
         for (int64_t r = r0; r < r1; ++r) mean[c] += load(xb[r * C + c]) - shift[c];
       }
     }
-    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] * inv_n;
-    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
-      const int64_t r1 = std::min(u.end, r0 + kGroup);
+    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / A(n);
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
+      const int64_t r1 = std::min(u.end, r0 + kSubRows);
       int64_t c = 0;
       for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
-        V acc = vload_acc<V>(m2 + c);
         const V mu = vload_acc<V>(mean + c);
+        V ds = V{}, q = V{};
         for (int64_t r = r0; r < r1; ++r) {
           const V d = vload(xb + r * C + c) - mu;
-          acc += d * d;
+          ds += d;
+          q += d * d;
         }
-        vstore_acc(m2 + c, acc);
+        vstore_acc(dsum + c, ds);
+        vstore_acc(m2 + c, q);
       }
       for (; c < w; ++c) {
+        dsum[c] = m2[c] = A(0);
         for (int64_t r = r0; r < r1; ++r) {
           const A d = load(xb[r * C + c]) - mean[c];
+          dsum[c] += d;
           m2[c] += d * d;
         }
       }
+      for (int64_t c = 0; c < w; ++c) {
+        dsum_d[c] += double(dsum[c]);
+        m2_out[c] += double(m2[c]);
+      }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] / n);
+      mean_out[c] = double(mean[c]) + dsum_d[c] / n;
     }
   } else {
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
     const A shift = load(xr[u.begin]);
+    const double n = double(u.end - u.begin);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]) - shift;
-    const A mean = shift + sum / A(u.end - u.begin);
-    A m2 = 0;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      const A d = load(xr[i]) - mean;
-      m2 += d * d;
+    const A mean = shift + sum / A(n);
+    double m2_d = 0.0, dsum_d = 0.0;
+    for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
+      const int64_t i1 = std::min(u.end, i0 + kSubChunk);
+      A m2 = 0, dsum = 0;
+#pragma omp simd reduction(+ : m2, dsum)
+      for (int64_t i = i0; i < i1; ++i) {
+        const A d = load(xr[i]) - mean;
+        dsum += d;
+        m2 += d * d;
+      }
+      m2_d += double(m2);
+      dsum_d += double(dsum);
     }
-    pmean[u.block * s.channels + u.c0] = mean;
-    pm2[u.block * s.channels + u.c0] = m2;
+    pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d / n;
+    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d / n);
   }
 }
 
 // Chan's merge of per-block (mean, M2) in block order; writes biased mean
 // and variance of type U.
-template <typename A, typename U>
-void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
-                   const A* pm2, U* mean, U* var, const ParallelFor& pf) {
+template <typename U>
+void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
+                   const double* pm2, U* mean, U* var, const ParallelFor& pf) {
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
   const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
@@ -291,8 +319,8 @@ void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
         const double nb = double(g.count(s, b));
         const double n_new = n + nb;
         const double fb = nb / n_new, fq = n * nb / n_new;
-        const A* __restrict bm = pmean + b * C + c0;
-        const A* __restrict bq = pm2 + b * C + c0;
+        const double* __restrict bm = pmean + b * C + c0;
+        const double* __restrict bq = pm2 + b * C + c0;
         for (int64_t c = 0; c < w; ++c) {
           const double d = double(bm[c]) - m[c];
           m[c] += d * fb;
@@ -311,9 +339,8 @@ void merge_moments(const Shape& s, const Blocks& g, const A* pmean,
 template <typename T, typename U>
 void moments_impl(const Shape& s, const T* x, U* mean, U* var,
                   const ParallelFor& pf) {
-  using A = typename AccOf<T>::type;
   const Blocks g(s);
-  std::vector<A> pmean(g.row_blocks * s.channels), pm2(pmean.size());
+  std::vector<double> pmean(g.row_blocks * s.channels), pm2(pmean.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 4, [&](int64_t u0, int64_t u1) {
@@ -326,7 +353,7 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
 
 // y = (x - mean) * a + offset, per channel.
 template <typename T, typename U>
-void apply_impl(const Shape& s, const T* __restrict x_, T* __restrict y_,
+void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
                 const U* mean, const U* a, const U* offset,
                 const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
@@ -344,9 +371,6 @@ void apply_impl(const Shape& s, const T* __restrict x_, T* __restrict y_,
       const A* __restrict mm = m.data();
       const A* __restrict kk = k.data();
       const A* __restrict bb = b.data();
-      const T* __restrict x = x_;
-      T* __restrict y = y_;
-      const int64_t C = s.channels;
       const int64_t r1 = std::min(s.outer, b1 * rows_per);
       for (int64_t r = b0 * rows_per; r < r1; ++r) {
         const T* __restrict xr = x + r * C;
@@ -359,8 +383,6 @@ void apply_impl(const Shape& s, const T* __restrict x_, T* __restrict y_,
   } else {
     const int64_t S = s.inner;
     pf(s.outer * C, S * 2, [&](int64_t r0, int64_t r1) {
-      const T* __restrict x = x_;
-      T* __restrict y = y_;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A mm = A(mean[c]), kk = A(a[c]);
@@ -444,31 +466,33 @@ Status forward_impl(const ForwardParams& p, const ParallelFor& pf) {
   return Status::Ok();
 }
 
-// Per-block sums of dy and dy * (x - mean).
+// Per-block sums of dy and dy * (x - mean), in double: each sub-block of
+// kSubRows rows (channels-last) or kSubChunk values (channels-first) is
+// summed in the accumulation type, then added in double, so the error does
+// not grow with the block length.
 template <typename T, typename U>
 void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
                      const T* __restrict x, const U* mean,
-                     typename AccOf<T>::type* __restrict pdy,
-                     typename AccOf<T>::type* __restrict pdyx) {
+                     double* __restrict pdy, double* __restrict pdyx) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
-    A* __restrict sd = pdy + u.block * C + u.c0;
-    A* __restrict sx = pdyx + u.block * C + u.c0;
-    A m[kTileChannels];
+    double* __restrict sd_out = pdy + u.block * C + u.c0;
+    double* __restrict sx_out = pdyx + u.block * C + u.c0;
+    A m[kTileChannels], sd[kTileChannels], sx[kTileChannels];
     for (int64_t c = 0; c < w; ++c) {
-      sd[c] = sx[c] = A(0);
+      sd_out[c] = sx_out[c] = 0.0;
       m[c] = A(mean[u.c0 + c]);
     }
-    const T* __restrict xb = x + u.c0;
-    const T* __restrict db = dy + u.c0;
-    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
-      const int64_t r1 = std::min(u.end, r0 + kGroup);
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
+      const int64_t r1 = std::min(u.end, r0 + kSubRows);
+      const T* __restrict xb = x + u.c0;
+      const T* __restrict db = dy + u.c0;
       int64_t c = 0;
       for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
         using V = VecOf<T>;
-        V ad = vload_acc<V>(sd + c), ax = vload_acc<V>(sx + c);
         const V mu = vload_acc<V>(m + c);
+        V ad = V{}, ax = V{};
         for (int64_t r = r0; r < r1; ++r) {
           const V d = vload(db + r * C + c);
           ad += d;
@@ -478,11 +502,16 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
         vstore_acc(sx + c, ax);
       }
       for (; c < w; ++c) {
+        sd[c] = sx[c] = A(0);
         for (int64_t r = r0; r < r1; ++r) {
           const A d = load(db[r * C + c]);
           sd[c] += d;
           sx[c] += d * (load(xb[r * C + c]) - m[c]);
         }
+      }
+      for (int64_t c = 0; c < w; ++c) {
+        sd_out[c] += double(sd[c]);
+        sx_out[c] += double(sx[c]);
       }
     }
   } else {
@@ -490,15 +519,21 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
     const T* __restrict xr = x + off;
     const T* __restrict dr = dy + off;
     const A m = A(mean[u.c0]);
-    A sd = 0, sx = 0;
+    double sd_acc = 0.0, sx_acc = 0.0;
+    for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
+      const int64_t i1 = std::min(u.end, i0 + kSubChunk);
+      A sd = 0, sx = 0;
 #pragma omp simd reduction(+ : sd, sx)
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      const A d = load(dr[i]);
-      sd += d;
-      sx += d * (load(xr[i]) - m);
+      for (int64_t i = i0; i < i1; ++i) {
+        const A d = load(dr[i]);
+        sd += d;
+        sx += d * (load(xr[i]) - m);
+      }
+      sd_acc += double(sd);
+      sx_acc += double(sx);
     }
-    pdy[u.block * s.channels + u.c0] = sd;
-    pdyx[u.block * s.channels + u.c0] = sx;
+    pdy[u.block * s.channels + u.c0] = sd_acc;
+    pdyx[u.block * s.channels + u.c0] = sx_acc;
   }
 }
 
@@ -507,18 +542,18 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
   const Shape& s = p.shape;
   const int64_t C = s.channels;
-  const T* x_ = static_cast<const T*>(p.x);
-  const T* dy_ = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
   const U* mean = static_cast<const U*>(p.saved_mean);
   const U* inv_std = static_cast<const U*>(p.saved_inv_std);
   const U* scale = static_cast<const U*>(p.scale);
   const Blocks g(s);
-  std::vector<A> pdy(g.row_blocks * C), pdyx(pdy.size());
+  std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * 6, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      block_grad_sums(s, unit_of(s, g, u), dy_, x_, mean, pdy.data(),
+      block_grad_sums(s, unit_of(s, g, u), dy, x, mean, pdy.data(),
                       pdyx.data());
     }
   });
@@ -554,15 +589,11 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
     m[c] = A(mean[c]);
   }
   if (!p.dx) return Status::Ok();
-  T* dx_ = static_cast<T*>(p.dx);
+  T* dx = static_cast<T*>(p.dx);
   if (s.inner == 1) {
     const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
     const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
     pf(blocks, rows_per * C * 3, [&](int64_t b0, int64_t b1) {
-      const T* __restrict x = x_;
-      const T* __restrict dy = dy_;
-      T* __restrict dx = dx_;
-      const int64_t C = s.channels;
       const A* __restrict kd = k_dy.data();
       const A* __restrict kx = k_x.data();
       const A* __restrict k0 = k_0.data();
@@ -581,9 +612,6 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   } else {
     const int64_t S = s.inner;
     pf(s.outer * C, S * 3, [&](int64_t r0, int64_t r1) {
-      const T* __restrict x = x_;
-      const T* __restrict dy = dy_;
-      T* __restrict dx = dx_;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];

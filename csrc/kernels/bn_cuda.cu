@@ -379,16 +379,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per channel: merges the gy block partials of channel c in block
-// order (Chan for moments, plain sums for the backward, in double), then
-// finalises it. Block-row b covers min(per, outer - b * per) * inner values.
+// One warp per channel c: lane l merges the partials of block-rows
+// b = l, l + 32, ... in order, then the lanes merge in a fixed shuffle tree
+// (Chan for moments, plain sums for the backward, in double); lane 0
+// finalises. Block-row b covers min(per, outer - b * per) * inner values.
 template <Kind K>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const ReduceArgs a, int64_t gy) {
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= a.C) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t c = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (c >= a.C) return;  // warp-uniform
   double m = 0.0, q = 0.0, n = 0.0;
-  for (int64_t b = 0; b < gy; ++b) {
+  for (int64_t b = lane; b < gy; b += 32) {
     const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
     if (K == Kind::kGrad) {
       m += bm;
@@ -401,7 +403,21 @@ __global__ void __launch_bounds__(kThreads)
       n = nn;
     }
   }
-  finalize<K>(a.f, c, m, q);
+  for (int off = 16; off > 0; off /= 2) {
+    const double om = __shfl_down_sync(0xffffffffu, m, off);
+    const double oq = __shfl_down_sync(0xffffffffu, q, off);
+    const double on = __shfl_down_sync(0xffffffffu, n, off);
+    if (K == Kind::kGrad) {
+      m += om;
+      q += oq;
+    } else if (on > 0.0) {
+      const double nn = n + on, d = om - m;
+      m += d * (on / nn);
+      q += oq + d * d * (n * on / nn);
+      n = nn;
+    }
+  }
+  if (lane == 0) finalize<K>(a.f, c, m, q);
 }
 
 // ---------------------------------------------------------------- apply
@@ -505,6 +521,14 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
     *a.increment += 1;
   }
   const int64_t rows = a.outer * a.C, S = a.inner;
+  // No rows (outer == 0): the row loop below never runs, so an inference
+  // forward writes its saved statistics here (the contract: always written).
+  if (!kGrad && rows == 0 && a.saved_mean) {
+    for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < a.C;
+         c += int64_t(gridDim.x) * kThreads) {
+      coef_of<kGrad>(a, c, true);
+    }
+  }
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   T* out = static_cast<T*>(a.out);
@@ -663,8 +687,12 @@ Status dispatch(DType t, F&& f) {
   return Status::Error("unsupported dtype");
 }
 
+// inner == 0 is a channels-first tensor with an empty spatial axis (TF's
+// ShapeOf gives it for NCHW x with H == 0): an empty tensor, like outer == 0.
+// Element pointers of an empty tensor may be null (TF gives null data() for
+// zero elements); the kernels never dereference them then.
 Status check_shape(const Shape& s) {
-  if (s.outer < 0 || s.channels < 0 || s.inner < 1) {
+  if (s.outer < 0 || s.channels < 0 || s.inner < 0) {
     return Status::Error("fused_bn: bad shape (outer=" +
                          std::to_string(s.outer) + ", channels=" +
                          std::to_string(s.channels) + ", inner=" +
@@ -708,7 +736,7 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
   }
   Status st = check_launch("reduce");
   if (!st.ok() || g.gy == 1) return st;
-  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kThreads)), kThreads, 0,
+  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kWarps)), kThreads, 0,
                        stream>>>(a, g.gy);
   return check_launch("finalize");
 }
@@ -764,7 +792,7 @@ size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
 Status moments(const MomentsParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.mean || !p.var) {
+  if ((!p.x && p.shape.size() > 0) || !p.mean || !p.var) {
     return Status::Error("moments: x, mean and var are required");
   }
   return dispatch(p.dtype, [&](auto tag) {
@@ -781,7 +809,7 @@ Status moments(const MomentsParams& p, cudaStream_t stream) {
 Status normalize(const NormalizeParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.y || !p.mean || !p.var) {
+  if (((!p.x || !p.y) && p.shape.size() > 0) || !p.mean || !p.var) {
     return Status::Error("normalize: x, y, mean and var are required");
   }
   return dispatch(p.dtype, [&](auto tag) {
@@ -821,7 +849,8 @@ Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
 Status forward(const ForwardParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.y || !p.saved_mean || !p.saved_inv_std) {
+  if (((!p.x || !p.y) && p.shape.size() > 0) || !p.saved_mean ||
+      !p.saved_inv_std) {
     return Status::Error(
         "forward: x, y, saved_mean and saved_inv_std are required");
   }
@@ -870,7 +899,8 @@ Status forward(const ForwardParams& p, cudaStream_t stream) {
 Status backward(const BackwardParams& p, cudaStream_t stream) {
   Status st = check_shape(p.shape);
   if (!st.ok() || p.shape.channels == 0) return st;
-  if (!p.x || !p.dy || !p.saved_mean || !p.saved_inv_std) {
+  if (((!p.x || !p.dy) && p.shape.size() > 0) || !p.saved_mean ||
+      !p.saved_inv_std) {
     return Status::Error(
         "backward: dy, x, saved_mean and saved_inv_std are required");
   }

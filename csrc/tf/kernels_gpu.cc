@@ -32,11 +32,30 @@ absl::Status Workspace(OpKernelContext* ctx, size_t bytes, Tensor* t,
   return absl::OkStatus();
 }
 
+// The statically linked CUDA runtime needs a driver at least as new as the
+// toolkit the kernels were built with: say so clearly, once, instead of
+// failing every launch with cudaErrorInsufficientDriver.
+absl::Status DriverStatus() {
+  static const absl::Status status = [] {
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    if (driver >= CUDART_VERSION) return absl::OkStatus();
+    return errors::FailedPrecondition(
+        "fused_bn's CUDA kernels were built with CUDA ", CUDART_VERSION / 1000,
+        ".", CUDART_VERSION % 1000 / 10,
+        " and need an NVIDIA driver that supports it; this machine's driver "
+        "supports CUDA ", driver / 1000, ".", driver % 1000 / 10,
+        ". Update the driver, or place the op on the CPU.");
+  }();
+  return status;
+}
+
 }  // namespace
 
 template <>
 struct Backend<GPUDevice> {
   static absl::Status Forward(OpKernelContext* ctx, kernels::ForwardParams p) {
+    TF_RETURN_IF_ERROR(DriverStatus());
     Tensor ws;
     TF_RETURN_IF_ERROR(Workspace(
         ctx, kernels::cuda::forward_workspace_bytes(p.shape, p.dtype), &ws,
@@ -45,6 +64,7 @@ struct Backend<GPUDevice> {
   }
   static absl::Status Backward(OpKernelContext* ctx,
                                kernels::BackwardParams p) {
+    TF_RETURN_IF_ERROR(DriverStatus());
     Tensor ws;
     TF_RETURN_IF_ERROR(Workspace(
         ctx, kernels::cuda::backward_workspace_bytes(p.shape, p.dtype), &ws,
@@ -52,6 +72,7 @@ struct Backend<GPUDevice> {
     return ToStatus(kernels::cuda::backward(p, StreamOf(ctx)));
   }
   static absl::Status Moments(OpKernelContext* ctx, kernels::MomentsParams p) {
+    TF_RETURN_IF_ERROR(DriverStatus());
     Tensor ws;
     TF_RETURN_IF_ERROR(Workspace(
         ctx, kernels::cuda::moments_workspace_bytes(p.shape, p.dtype), &ws,
@@ -60,9 +81,11 @@ struct Backend<GPUDevice> {
   }
   static absl::Status Normalize(OpKernelContext* ctx,
                                 kernels::NormalizeParams p) {
+    TF_RETURN_IF_ERROR(DriverStatus());
     return ToStatus(kernels::cuda::normalize(p, StreamOf(ctx)));
   }
   static absl::Status Update(OpKernelContext* ctx, kernels::UpdateParams p) {
+    TF_RETURN_IF_ERROR(DriverStatus());
     return ToStatus(kernels::cuda::update_moving_stats(p, StreamOf(ctx)));
   }
   static absl::Status Copy(OpKernelContext* ctx, void* dst, const void* src,
