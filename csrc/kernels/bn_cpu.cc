@@ -486,27 +486,14 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
     }
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
       const int64_t r1 = std::min(u.end, r0 + kSubRows);
-      const T* __restrict xb = x + u.c0;
-      const T* __restrict db = dy + u.c0;
-      int64_t c = 0;
-      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
-        using V = VecOf<T>;
-        const V mu = vload_acc<V>(m + c);
-        V ad = V{}, ax = V{};
-        for (int64_t r = r0; r < r1; ++r) {
-          const V d = vload(db + r * C + c);
-          ad += d;
-          ax += d * (vload(xb + r * C + c) - mu);
-        }
-        vstore_acc(sd + c, ad);
-        vstore_acc(sx + c, ax);
-      }
-      for (; c < w; ++c) {
-        sd[c] = sx[c] = A(0);
-        for (int64_t r = r0; r < r1; ++r) {
-          const A d = load(db[r * C + c]);
+      for (int64_t c = 0; c < w; ++c) sd[c] = sx[c] = A(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * C + u.c0;
+        const T* __restrict dr = dy + r * C + u.c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const A d = load(dr[c]);
           sd[c] += d;
-          sx[c] += d * (load(xb[r * C + c]) - m[c]);
+          sx[c] += d * (load(xr[c]) - m[c]);
         }
       }
       for (int64_t c = 0; c < w; ++c) {
