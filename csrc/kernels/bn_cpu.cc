@@ -26,6 +26,12 @@ constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
 constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
 constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
+// Channels-last loops walk a group of rows (contiguous, in L1) one vector of
+// channels at a time, so per-channel sums live in registers meanwhile. Each
+// channel still sees its rows in order, as in a row-by-row loop.
+constexpr int64_t kGroup = 8;
+// Merges of fewer partial values than this run on the calling thread.
+constexpr int64_t kSerialMerge = int64_t(1) << 18;
 
 struct bf16 {
   uint16_t bits;
@@ -63,6 +69,77 @@ inline bf16 store<bf16>(float v) {
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
   return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+// One 32-byte vector of accumulator type A (GCC/Clang vector extensions):
+// the channels-last loops below are written with it so that per-channel
+// values stay in registers, whatever the auto-vectorizer decides.
+typedef float V8f __attribute__((vector_size(32)));
+typedef double V4d __attribute__((vector_size(32)));
+template <typename A>
+struct Vec {
+  using type = V8f;
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Vec<double> {
+  using type = V4d;
+  static constexpr int64_t lanes = 4;
+};
+template <typename T>
+using VecOf = typename Vec<typename AccOf<T>::type>::type;
+template <typename T>
+constexpr int64_t kLanesOf = Vec<typename AccOf<T>::type>::lanes;
+
+template <typename V>
+inline V vload_acc(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+inline void vstore_acc(void* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// Loads kLanesOf<T> values of T as a vector of A.
+template <typename T>
+inline VecOf<T> vload(const T* p) {
+  return vload_acc<VecOf<T>>(p);
+}
+template <>
+inline VecOf<half> vload(const half* p) {
+  using H = half __attribute__((vector_size(16)));
+  return __builtin_convertvector(vload_acc<H>(p), VecOf<half>);
+}
+template <>
+inline VecOf<bf16> vload(const bf16* p) {
+  using U16 = uint16_t __attribute__((vector_size(16)));
+  using U32 = uint32_t __attribute__((vector_size(32)));
+  const U32 u = __builtin_convertvector(vload_acc<U16>(p), U32) << 16;
+  VecOf<bf16> f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+// Stores a vector of A as kLanesOf<T> values of T, rounding as store<T>.
+template <typename T>
+inline void vstore(T* p, VecOf<T> v) {
+  vstore_acc(p, v);
+}
+template <>
+inline void vstore(half* p, VecOf<half> v) {
+  using H = half __attribute__((vector_size(16)));
+  vstore_acc(p, __builtin_convertvector(v, H));
+}
+template <>
+inline void vstore(bf16* p, VecOf<bf16> v) {
+  using U16 = uint16_t __attribute__((vector_size(16)));
+  using U32 = uint32_t __attribute__((vector_size(32)));
+  U32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U32 quiet = (u >> 16) | 0x40u;
+  const U32 r = ((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded;
+  vstore_acc(p, __builtin_convertvector(r, U16));
 }
 
 // Geometry of the reduction blocks of one shape.
@@ -138,6 +215,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
                    double* __restrict pmean, double* __restrict pm2) {
   using A = typename AccOf<T>::type;
   if (s.inner == 1) {
+    using V = VecOf<T>;
     const int64_t C = s.channels, w = u.c1 - u.c0;
     const double n = double(u.end - u.begin);
     double* __restrict mean_out = pmean + u.block * C + u.c0;
@@ -151,18 +229,39 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       mean[c] = A(0);
       dsum_d[c] = m2_out[c] = 0.0;
     }
-    for (int64_t r = u.begin; r < u.end; ++r) {
-      const T* __restrict xr = x + r * C + u.c0;
-      for (int64_t c = 0; c < w; ++c) mean[c] += load(xr[c]) - shift[c];
+    const T* __restrict xb = x + u.c0;
+    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
+      const int64_t r1 = std::min(u.end, r0 + kGroup);
+      int64_t c = 0;
+      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
+        V acc = vload_acc<V>(mean + c);
+        const V sh = vload_acc<V>(shift + c);
+        for (int64_t r = r0; r < r1; ++r) acc += vload(xb + r * C + c) - sh;
+        vstore_acc(mean + c, acc);
+      }
+      for (; c < w; ++c) {
+        for (int64_t r = r0; r < r1; ++r) mean[c] += load(xb[r * C + c]) - shift[c];
+      }
     }
     for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / A(n);
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
       const int64_t r1 = std::min(u.end, r0 + kSubRows);
-      for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * C + u.c0;
-        for (int64_t c = 0; c < w; ++c) {
-          const A d = load(xr[c]) - mean[c];
+      int64_t c = 0;
+      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
+        const V mu = vload_acc<V>(mean + c);
+        V ds = V{}, q = V{};
+        for (int64_t r = r0; r < r1; ++r) {
+          const V d = vload(xb + r * C + c) - mu;
+          ds += d;
+          q += d * d;
+        }
+        vstore_acc(dsum + c, ds);
+        vstore_acc(m2 + c, q);
+      }
+      for (; c < w; ++c) {
+        dsum[c] = m2[c] = A(0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const A d = load(xb[r * C + c]) - mean[c];
           dsum[c] += d;
           m2[c] += d * d;
         }
@@ -209,7 +308,8 @@ void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
                    const double* pm2, U* mean, U* var, const ParallelFor& pf) {
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
-  pf(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
+  const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
+  run(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
     double m[kMergeTile], q[kMergeTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kMergeTile, w = std::min(kMergeTile, C - c0);
@@ -446,7 +546,8 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   });
   // Sum the block partials in block order, in double.
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
-  pf((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
+  const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
+  run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
      [&](int64_t t0, int64_t t1) {
        for (int64_t t = t0; t < t1; ++t) {
          const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
