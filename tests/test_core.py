@@ -382,3 +382,40 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_outputs_that_reuse_a_temporary_input_buffer_are_correct(axis):
+    # x and dy are temporaries inside the function, so the ops may write y
+    # and dx into their buffers: results must still be exact.
+    rng = np.random.default_rng(9)
+    a = tf.constant(rng.normal(0, 1, (8, 6, 5, 7)), tf.float32)
+    c = a.shape[axis]
+    mm = tf.Variable(tf.constant(rng.normal(0, 1, c), tf.float32))
+    mv = tf.Variable(tf.constant(rng.uniform(1, 2, c), tf.float32))
+
+    @tf.function
+    def f(a, training):
+        x = a * 2.0 + 1.0
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fused_bn.batch_norm(x, training, moving_mean=mm, moving_variance=mv,
+                                    axis=axis, momentum=1.0)
+            dy_source = tf.sin(y)
+        dx = tape.gradient(y, x, output_gradients=tf.cos(y) + 0.5)
+        return y, dx, dy_source
+
+    x64 = ref.to64(a * 2.0 + 1.0)
+    for training in (False, True):
+        y, dx, _ = f(a, tf.constant(training))
+        if training:
+            y64 = ref.forward(x64, axis, np.ones(c), np.zeros(c), EPS)[0]
+        else:
+            y64 = ref.forward(x64, axis, np.ones(c), np.zeros(c), EPS, ref.to64(mm), ref.to64(mv))[0]
+        ref.close(ref.to64(y), y64, tf.float32)
+        dy64 = np.cos(ref.to64(y)) + 0.5
+        if training:
+            rdx = ref.backward(x64, dy64, axis, np.ones(c), EPS, True)[0]
+        else:
+            rdx = ref.backward(x64, dy64, axis, np.ones(c), EPS, False, ref.to64(mm), ref.to64(mv))[0]
+        ref.close(ref.to64(dx), rdx, tf.float32)

@@ -12,6 +12,7 @@
 // Every reduction splits its work into blocks whose bounds depend only on the
 // shape, and merges block partials (Chan's parallel Welford) in a fixed
 // order: results are bitwise identical run to run and for any thread count.
+// With channels == 0 every launcher does nothing (the counter included).
 #pragma once
 
 #include <cstddef>

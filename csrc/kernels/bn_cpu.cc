@@ -640,6 +640,7 @@ ParallelFor Serial() {
 }
 
 Status moments(const MomentsParams& p, const ParallelFor& pf) {
+  if (p.shape.channels == 0) return Status::Ok();  // nothing to do
   return dispatch(p.dtype, [&](auto t, auto u) {
     using T = decltype(t);
     using U = decltype(u);
@@ -650,6 +651,7 @@ Status moments(const MomentsParams& p, const ParallelFor& pf) {
 }
 
 Status normalize(const NormalizeParams& p, const ParallelFor& pf) {
+  if (p.shape.channels == 0) return Status::Ok();  // nothing to do
   return dispatch(p.dtype, [&](auto t, auto u) {
     using T = decltype(t);
     using U = decltype(u);
@@ -675,12 +677,14 @@ Status update_moving_stats(const UpdateParams& p) {
 }
 
 Status forward(const ForwardParams& p, const ParallelFor& pf) {
+  if (p.shape.channels == 0) return Status::Ok();  // nothing to do
   return dispatch(p.dtype, [&](auto t, auto u) {
     return forward_impl<decltype(t), decltype(u)>(p, pf);
   });
 }
 
 Status backward(const BackwardParams& p, const ParallelFor& pf) {
+  if (p.shape.channels == 0) return Status::Ok();  // nothing to do
   return dispatch(p.dtype, [&](auto t, auto u) {
     return backward_impl<decltype(t), decltype(u)>(p, pf);
   });

@@ -2,7 +2,9 @@
 // validates its inputs (naming the argument), allocates outputs and calls
 // Backend<Device>, the only device-specific part (kernels.cc: CPU,
 // kernels_gpu.cc: GPU). Variables are read and written in place under their
-// mutexes; nothing is changed unless every check passed.
+// mutexes; nothing is changed unless every check passed. Elementwise outputs
+// (y, dx) reuse the buffer of x or dy when nothing else holds it: every
+// kernel writes element i only after reading element i of that input.
 #pragma once
 
 #include <algorithm>
@@ -265,7 +267,7 @@ class ForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, mv.Lookup(ctx, means, vars, counters, c));
 
     Tensor *y, *saved_mean, *saved_inv_std;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &saved_mean));
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(2, TensorShape({c}), &saved_inv_std));
@@ -329,7 +331,7 @@ class ForwardGradOp : public OpKernel {
     bool training = false;
     OP_REQUIRES_OK(ctx, ReadTraining(ctx, 5, &training));
     Tensor *dx, *dscale, *doffset;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({c}), &doffset));
     if (c == 0) return;
@@ -404,7 +406,7 @@ class NormalizeOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "scale", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(4), "offset", c));
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
     if (c == 0) return;
     kernels::NormalizeParams p;
     p.dtype = DTypeOf<T>();
