@@ -67,7 +67,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[tf_requirement(), "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
         "demo": ["scikit-learn", "matplotlib"],
     },
     ext_modules=[CMakeExtension("fused_bn._kernels")],
