@@ -8,6 +8,7 @@ TensorFlow distribution), FUSED_BN_LOCAL_VERSION (e.g. "+cu130").
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -40,8 +41,10 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(ext.name)))
-        if self.inplace or getattr(self, "editable_mode", False):
+        target = os.path.abspath(self.get_ext_fullpath(ext.name))
+        out_dir = os.path.dirname(target)
+        editable = getattr(self, "editable_mode", False)
+        if editable:  # all libraries next to the sources they are imported with
             out_dir = os.path.join(os.path.abspath(os.path.dirname(__file__)), "fused_bn")
         build_dir = os.environ.get("FUSED_BN_BUILD_DIR", os.path.join("build", "cmake"))
         os.makedirs(build_dir, exist_ok=True)
@@ -57,6 +60,9 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", src, *args], cwd=build_dir)
         subprocess.check_call(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)],
                               cwd=build_dir)
+        if editable:  # setuptools expects the extension where it asked for it
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(out_dir, os.path.basename(target)), target)
 
 
 setup(

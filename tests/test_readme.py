@@ -13,4 +13,4 @@ def test_ci_runs_the_readme_test_command():
     readme = open(readme_path).read()
     command = readme.split("Run the tests:")[1].split("```bash\n")[1].split("\n```")[0]
     assert command.strip() and "\n" not in command.strip()
-    assert command.strip() in open(ci_path).read().splitlines()
+    assert any(line.startswith(command.strip()) for line in open(ci_path).read().splitlines())
