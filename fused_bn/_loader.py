@@ -39,7 +39,9 @@ ops, build = _load()
 
 def build_info():
     """What this build of fused_bn was compiled for and with."""
-    archs = [a for a in build.CUDA_ARCHS.split(",") if a]
+    # CMake's "90-real" is SASS for sm_90, "90-virtual" PTX for compute_90.
+    archs = [("compute_" if a.endswith("-virtual") else "sm_") + a.split("-")[0]
+             for a in build.CUDA_ARCHS.split(",") if a]
     return {
         "tensorflow": build.TF_VERSION,
         "cuda": build.CUDA_VERSION or None,
