@@ -39,4 +39,4 @@ if info["cuda"]:
     assert "sm_90" in elfs and "sm_80" in elfs, elfs
     print("cubins:", sorted(set(re.findall(r"sm_\d+", elfs))), "ptx:", sorted(set(re.findall(r"sm_\d+", ptx))))
 PY
-"$py" -m pytest -q -p no:cacheprovider tests "$@"
+"$py" -m pytest -q -rs -p no:cacheprovider tests "$@"

@@ -37,6 +37,10 @@ _MODULE = None
 def kernels_path():
     """The `_kernels` extension file to load, or None."""
     dirs = [os.environ.get("FUSED_BN_KERNELS_DIR"), os.path.join(REPO, "fused_bn")]
+    # An installed fused_bn (e.g. from a wheel), found without importing it.
+    spec = importlib.util.find_spec("fused_bn")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += list(spec.submodule_search_locations)
     for d in filter(None, dirs):
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             hits = sorted(glob.glob(os.path.join(d, "_kernels" + suffix)))
