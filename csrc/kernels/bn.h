@@ -145,6 +145,9 @@ using ParallelFor = std::function<void(
 // A ParallelFor that runs everything on the calling thread.
 ParallelFor Serial();
 
+// The instruction set of the kernels in use: "avx512" or "avx2".
+const char* isa();
+
 Status moments(const MomentsParams& p, const ParallelFor& pf);
 Status normalize(const NormalizeParams& p, const ParallelFor& pf);
 Status update_moving_stats(const UpdateParams& p);

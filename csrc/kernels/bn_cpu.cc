@@ -15,8 +15,14 @@
 
 #include "bn.h"
 
+#ifndef FUSED_BN_CPU_ISA
+#define FUSED_BN_CPU_ISA avx2
+#endif
+
 namespace fused_bn {
 namespace cpu {
+// This file is compiled once per instruction set (see bn_cpu_dispatch.cc).
+namespace FUSED_BN_CPU_ISA {
 namespace {
 
 constexpr int64_t kTileChannels = 1024;  // channels-last tile width
@@ -633,12 +639,6 @@ Status dispatch(DType t, F&& f) {
 
 }  // namespace
 
-ParallelFor Serial() {
-  return [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
-    if (n > 0) fn(0, n);
-  };
-}
-
 Status moments(const MomentsParams& p, const ParallelFor& pf) {
   if (p.shape.channels == 0) return Status::Ok();  // nothing to do
   return dispatch(p.dtype, [&](auto t, auto u) {
@@ -690,5 +690,6 @@ Status backward(const BackwardParams& p, const ParallelFor& pf) {
   });
 }
 
+}  // namespace FUSED_BN_CPU_ISA
 }  // namespace cpu
 }  // namespace fused_bn
