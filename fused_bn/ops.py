@@ -154,6 +154,19 @@ def _check_training(training):
     return t, (bool(value) if value is not None else None)
 
 
+def _check_moving_args(moving_mean, moving_variance, num_updates, training_value):
+    """Which of the moving statistics and counter may be given together."""
+    if (moving_mean is None) != (moving_variance is None):
+        raise ValueError(
+            "moving_mean and moving_variance must both be given or both be None")
+    if num_updates is not None and moving_mean is None:
+        raise ValueError("num_updates needs moving_mean and moving_variance")
+    if moving_mean is None and training_value is not True:
+        raise ValueError(
+            "moving_mean and moving_variance are required unless training "
+            "is the Python value True (inference normalizes with them)")
+
+
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
                unbiased_variance=True, num_updates=None, name=None):
@@ -192,16 +205,7 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         momentum = _check_momentum(momentum)
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
-        if (moving_mean is None) != (moving_variance is None):
-            raise ValueError(
-                "moving_mean and moving_variance must both be given or both "
-                "be None")
-        if num_updates is not None and moving_mean is None:
-            raise ValueError("num_updates needs moving_mean and moving_variance")
-        if moving_mean is None and training_value is not True:
-            raise ValueError(
-                "moving_mean and moving_variance are required unless training "
-                "is the Python value True (inference normalizes with them)")
+        _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
         count = _static_count(x, data_format)
         if training_value is True and count is not None and count < 2:
             raise ValueError(

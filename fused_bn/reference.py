@@ -8,8 +8,8 @@ statistics and counter updated with assigns.
 """
 import tensorflow as tf
 
-from .ops import (_check_epsilon, _check_momentum, _check_training, _check_x,
-                  _data_format, _stat_dtype)
+from .ops import (_check_epsilon, _check_momentum, _check_moving_args,
+                  _check_training, _check_x, _data_format, _stat_dtype)
 
 __all__ = ["batch_norm", "in_xla_context"]
 
@@ -35,14 +35,7 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         momentum = _check_momentum(momentum)
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
-        if (moving_mean is None) != (moving_variance is None):
-            raise ValueError(
-                "moving_mean and moving_variance must both be given or both "
-                "be None")
-        if moving_mean is None and training_value is not True:
-            raise ValueError(
-                "moving_mean and moving_variance are required unless training "
-                "is the Python value True (inference normalizes with them)")
+        _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
         u = _stat_dtype(x.dtype)
         rank = x.shape.rank
         channel_axis = rank - 1 if data_format == "channels_last" else 1
