@@ -7,7 +7,29 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "gpu"))
+import _kernels_util  # noqa: E402
+
+
+def test_environment_forces_the_avx2_kernels():
+    if _kernels_util.kernels_path() is None:
+        pytest.skip("fused_bn._kernels is not built")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _kernels_util as k; "
+            "print(k.load_kernels().cpu_isa())")
+    isa = {}
+    for forced in ("", "avx2"):
+        r = subprocess.run([sys.executable, "-c", code, os.path.join(HERE, "gpu")],
+                           capture_output=True, text=True,
+                           env={**os.environ, "FUSED_BN_CPU_ISA": forced})
+        assert r.returncode == 0, r.stderr[-2000:]
+        isa[forced] = r.stdout.strip()
+    assert isa["avx2"] == "avx2"
+    flags = set(open("/proc/cpuinfo").read().split())
+    has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert isa[""] == ("avx512" if has_avx512 else "avx2")
 
 
 def test_avx2_kernels_match_references():

@@ -123,6 +123,9 @@ PYBIND11_MODULE(_kernels, m) {
 #endif
   }, "Whether this build has the CUDA kernels.");
 
+  m.def("cpu_isa", [] { return std::string(cpu::isa()); },
+        "The CPU kernels in use: \"avx512\" or \"avx2\".");
+
   const char* ws_doc =
       "Bytes of device workspace the CUDA launcher needs (0 without CUDA).";
   auto ws = [](size_t (*fn)(const Shape&, DType)) {
