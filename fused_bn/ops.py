@@ -92,8 +92,6 @@ def _check_param(value, name, dtype, channels):
 
 def _variable_handle(var, name, dtype, shape):
     """The resource handle of a tf.Variable or Keras variable, checked."""
-    if var is None:
-        return None
     inner = var
     if not hasattr(inner, "handle") and hasattr(inner, "value"):
         inner = inner.value

@@ -568,3 +568,10 @@ def test_keras_layer_errors_leave_weights_unchanged():
     assert "at least 2 values" in str(info.value)
     for b, w in zip(before, layer.weights):
         np.testing.assert_array_equal(b, w.numpy(), err_msg=w.name)
+
+
+def test_update_moving_stats_without_a_variable_names_it():
+    v = tf.Variable(tf.ones([3]))
+    with pytest.raises(TypeError, match="moving_mean must be a resource tf.Variable"):
+        fused_bn.update_moving_stats(None, v, tf.zeros(3), tf.zeros(3), 5)
+    np.testing.assert_array_equal(v.numpy(), np.ones(3))
