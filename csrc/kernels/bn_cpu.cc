@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bn.h"
@@ -26,8 +27,8 @@ namespace FUSED_BN_CPU_ISA {
 namespace {
 
 constexpr int64_t kTileChannels = 1024;  // channels-last tile width
-constexpr int64_t kBlockElems = 16384;   // values per channels-last block
-constexpr int64_t kMinRows = 16;         // rows per channels-last block, min
+constexpr int64_t kBlockElems = 65536;   // values per channels-last block
+constexpr int64_t kMinRows = 64;         // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
 constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
@@ -96,6 +97,26 @@ template <typename T>
 using VecOf = typename Vec<typename AccOf<T>::type>::type;
 template <typename T>
 constexpr int64_t kLanesOf = Vec<typename AccOf<T>::type>::lanes;
+
+// Channels-last loops keep kUnroll vectors of channels in registers at a
+// time, so the per-row additions form kUnroll independent dependency chains
+// rather than one (a single chain is bound by the add latency, not by
+// memory). for_columns calls body(c, std::integral_constant<int, K>) for
+// channel groups [c, c + K * lanes) with K = kUnroll, then K = 1, covering
+// the whole vectors of [0, w); it returns where the scalar tail starts. Each
+// channel still sees its rows in order, so the unroll changes no result.
+constexpr int kUnroll = 4;
+#define FUSED_BN_UNROLL _Pragma("GCC unroll 4")
+template <typename T, typename Body>
+inline int64_t for_columns(int64_t w, Body&& body) {
+  constexpr int64_t L = kLanesOf<T>;
+  int64_t c = 0;
+  for (; c + kUnroll * L <= w; c += kUnroll * L) {
+    body(c, std::integral_constant<int, kUnroll>());
+  }
+  for (; c + L <= w; c += L) body(c, std::integral_constant<int, 1>());
+  return c;
+}
 
 template <typename V>
 inline V vload_acc(const void* p) {
@@ -238,38 +259,62 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const T* __restrict xb = x + u.c0;
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
       const int64_t r1 = std::min(u.end, r0 + kGroup);
-      int64_t c = 0;
-      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
-        V acc = vload_acc<V>(mean + c);
-        const V sh = vload_acc<V>(shift + c);
-        for (int64_t r = r0; r < r1; ++r) acc += vload(xb + r * C + c) - sh;
-        vstore_acc(mean + c, acc);
-      }
-      for (; c < w; ++c) {
-        for (int64_t r = r0; r < r1; ++r) mean[c] += load(xb[r * C + c]) - shift[c];
+      const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
+        constexpr int K = decltype(k)::value;
+        V acc[K], sh[K];
+        FUSED_BN_UNROLL
+        for (int j = 0; j < K; ++j) {
+          acc[j] = vload_acc<V>(mean + c + j * kLanesOf<T>);
+          sh[j] = vload_acc<V>(shift + c + j * kLanesOf<T>);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* __restrict xr = xb + r * C + c;
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) acc[j] += vload(xr + j * kLanesOf<T>) - sh[j];
+        }
+        FUSED_BN_UNROLL
+        for (int j = 0; j < K; ++j) vstore_acc(mean + c + j * kLanesOf<T>, acc[j]);
+      });
+      for (int64_t cc = c; cc < w; ++cc) {
+        for (int64_t r = r0; r < r1; ++r) mean[cc] += load(xb[r * C + cc]) - shift[cc];
       }
     }
     for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / A(n);
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
       const int64_t r1 = std::min(u.end, r0 + kSubRows);
-      int64_t c = 0;
-      for (; c + kLanesOf<T> <= w; c += kLanesOf<T>) {
-        const V mu = vload_acc<V>(mean + c);
-        V ds = V{}, q = V{};
-        for (int64_t r = r0; r < r1; ++r) {
-          const V d = vload(xb + r * C + c) - mu;
-          ds += d;
-          q += d * d;
-        }
-        vstore_acc(dsum + c, ds);
-        vstore_acc(m2 + c, q);
-      }
-      for (; c < w; ++c) {
-        dsum[c] = m2[c] = A(0);
-        for (int64_t r = r0; r < r1; ++r) {
-          const A d = load(xb[r * C + c]) - mean[c];
-          dsum[c] += d;
-          m2[c] += d * d;
+      for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
+      for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+        const int64_t g1 = std::min(r1, g0 + kGroup);
+        const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
+          constexpr int K = decltype(k)::value;
+          V mu[K], ds[K], q[K];
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) {
+            mu[j] = vload_acc<V>(mean + c + j * kLanesOf<T>);
+            ds[j] = vload_acc<V>(dsum + c + j * kLanesOf<T>);
+            q[j] = vload_acc<V>(m2 + c + j * kLanesOf<T>);
+          }
+          for (int64_t r = g0; r < g1; ++r) {
+            const T* __restrict xr = xb + r * C + c;
+            FUSED_BN_UNROLL
+            for (int j = 0; j < K; ++j) {
+              const V d = vload(xr + j * kLanesOf<T>) - mu[j];
+              ds[j] += d;
+              q[j] += d * d;
+            }
+          }
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) {
+            vstore_acc(dsum + c + j * kLanesOf<T>, ds[j]);
+            vstore_acc(m2 + c + j * kLanesOf<T>, q[j]);
+          }
+        });
+        for (int64_t cc = c; cc < w; ++cc) {
+          for (int64_t r = g0; r < g1; ++r) {
+            const A d = load(xb[r * C + cc]) - mean[cc];
+            dsum[cc] += d;
+            m2[cc] += d * d;
+          }
         }
       }
       for (int64_t c = 0; c < w; ++c) {
@@ -315,7 +360,7 @@ void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
   const int64_t C = s.channels;
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
   const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
-  run(tiles, g.row_blocks * kMergeTile * 8, [&](int64_t t0, int64_t t1) {
+  run(tiles, g.row_blocks * kMergeTile * 16, [&](int64_t t0, int64_t t1) {
     double m[kMergeTile], q[kMergeTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kMergeTile, w = std::min(kMergeTile, C - c0);
@@ -349,7 +394,7 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
   std::vector<double> pmean(g.row_blocks * s.channels), pm2(pmean.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
-  pf(units, per_unit * 4, [&](int64_t u0, int64_t u1) {
+  pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       block_moments(s, unit_of(s, g, u), x, pmean.data(), pm2.data());
     }
@@ -373,7 +418,7 @@ void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
     }
     const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
     const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
-    pf(blocks, rows_per * C * 2, [&](int64_t b0, int64_t b1) {
+    pf(blocks, rows_per * C * sizeof(T), [&](int64_t b0, int64_t b1) {
       const A* __restrict mm = m.data();
       const A* __restrict kk = k.data();
       const A* __restrict bb = b.data();
@@ -388,7 +433,7 @@ void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
     });
   } else {
     const int64_t S = s.inner;
-    pf(s.outer * C, S * 2, [&](int64_t r0, int64_t r1) {
+    pf(s.outer * C, S * sizeof(T), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A mm = A(mean[c]), kk = A(a[c]);
@@ -490,16 +535,42 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
       sd_out[c] = sx_out[c] = 0.0;
       m[c] = A(mean[u.c0 + c]);
     }
+    using V = VecOf<T>;
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
       const int64_t r1 = std::min(u.end, r0 + kSubRows);
       for (int64_t c = 0; c < w; ++c) sd[c] = sx[c] = A(0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * C + u.c0;
-        const T* __restrict dr = dy + r * C + u.c0;
-        for (int64_t c = 0; c < w; ++c) {
-          const A d = load(dr[c]);
-          sd[c] += d;
-          sx[c] += d * (load(xr[c]) - m[c]);
+      for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+        const int64_t g1 = std::min(r1, g0 + kGroup);
+        const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
+          constexpr int K = decltype(k)::value;
+          V mu[K], a[K], b[K];
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) {
+            mu[j] = vload_acc<V>(m + c + j * kLanesOf<T>);
+            a[j] = vload_acc<V>(sd + c + j * kLanesOf<T>);
+            b[j] = vload_acc<V>(sx + c + j * kLanesOf<T>);
+          }
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t off = r * C + u.c0 + c;
+            FUSED_BN_UNROLL
+            for (int j = 0; j < K; ++j) {
+              const V d = vload(dy + off + j * kLanesOf<T>);
+              a[j] += d;
+              b[j] += d * (vload(x + off + j * kLanesOf<T>) - mu[j]);
+            }
+          }
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) {
+            vstore_acc(sd + c + j * kLanesOf<T>, a[j]);
+            vstore_acc(sx + c + j * kLanesOf<T>, b[j]);
+          }
+        });
+        for (int64_t cc = c; cc < w; ++cc) {
+          for (int64_t r = g0; r < g1; ++r) {
+            const A d = load(dy[r * C + u.c0 + cc]);
+            sd[cc] += d;
+            sx[cc] += d * (load(x[r * C + u.c0 + cc]) - m[cc]);
+          }
         }
       }
       for (int64_t c = 0; c < w; ++c) {
@@ -544,7 +615,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
-  pf(units, per_unit * 6, [&](int64_t u0, int64_t u1) {
+  pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       block_grad_sums(s, unit_of(s, g, u), dy, x, mean, pdy.data(),
                       pdyx.data());
@@ -553,7 +624,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   // Sum the block partials in block order, in double.
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
   const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
-  run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 2,
+  run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 16,
      [&](int64_t t0, int64_t t1) {
        for (int64_t t = t0; t < t1; ++t) {
          const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
@@ -586,7 +657,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   if (s.inner == 1) {
     const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
     const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
-    pf(blocks, rows_per * C * 3, [&](int64_t b0, int64_t b1) {
+    pf(blocks, rows_per * C * sizeof(T), [&](int64_t b0, int64_t b1) {
       const A* __restrict kd = k_dy.data();
       const A* __restrict kx = k_x.data();
       const A* __restrict k0 = k_0.data();
@@ -604,7 +675,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
     });
   } else {
     const int64_t S = s.inner;
-    pf(s.outer * C, S * 3, [&](int64_t r0, int64_t r1) {
+    pf(s.outer * C, S * sizeof(T), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
