@@ -137,7 +137,9 @@ inline size_t element_bytes(DType t) {
 namespace cpu {
 
 // Runs fn(begin, end) over disjoint ranges covering [0, n), possibly
-// concurrently. cost_per_item is a rough cycle count, a hint for sharding.
+// concurrently. cost_per_item, a hint for how many threads the work is
+// worth, is the bytes of x an item covers (for the merges: of the partials);
+// it is the same for every pass over x of an op, so its passes split alike.
 using ParallelFor = std::function<void(
     int64_t n, int64_t cost_per_item,
     const std::function<void(int64_t, int64_t)>& fn)>;
