@@ -77,6 +77,52 @@ def test_backward_without_dx(k):
     ku.check_backward(k, ku.NumpyBuffers(), "float32", (5, 7, 3), True, with_dx=False)
 
 
+# Outputs of 4 MB and more whose rows are whole 64-byte lines are written
+# with non-temporal stores (bn_cpu.cc, kStreamBytes).
+STREAMED = [(2048, 1024, 1), (8, 64, 4096)]
+STREAMED_IDS = ["nhwc", "nchw"]
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=STREAMED_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_streamed_outputs(k, dtype, shape, training):
+    ku.check_forward(k, ku.NumpyBuffers(2), dtype, shape, training)
+    ku.check_backward(k, ku.NumpyBuffers(2), dtype, shape, training)
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=STREAMED_IDS)
+def test_streamed_normalize(k, shape):
+    ku.check_normalize(k, ku.NumpyBuffers(2), "bfloat16", shape)
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=STREAMED_IDS)
+def test_outputs_in_place(k, shape):
+    # y over x and dx over dy (as the TF ops do for temporaries) are not
+    # streamed; they equal the results into separate buffers.
+    b = ku.NumpyBuffers(2)
+    c = shape[1]
+    rng = np.random.default_rng(7)
+    x = b.put(rng.normal(2.0, 3.0, shape).astype(np.float32))
+    dy = b.put(rng.normal(0.0, 1.0, shape).astype(np.float32))
+    stats = [b.put(v) for v in (np.full(c, 1.5, np.float32), np.full(c, 2.0, np.float32),
+                                rng.uniform(0.5, 1.5, c).astype(np.float32))]
+    mean, var, scale = (b.ptr(v) for v in stats)
+    y = b.put(np.zeros(shape, np.float32))
+    k.normalize("float32", *shape, b.ptr(x), b.ptr(y), mean, var, scale, threads=2)
+    dx = b.put(np.zeros(shape, np.float32))
+    ds = [b.put(np.zeros(c, np.float32)) for _ in range(2)]
+    k.backward("float32", *shape, b.ptr(dy), b.ptr(x), mean, var, scale=scale, dx=b.ptr(dx),
+               dscale=b.ptr(ds[0]), doffset=b.ptr(ds[1]), threads=2)
+    dx_separate = dx.copy()
+    k.backward("float32", *shape, b.ptr(dy), b.ptr(x), mean, var, scale=scale, dx=b.ptr(dy),
+               dscale=b.ptr(ds[0]), doffset=b.ptr(ds[1]), threads=2)
+    np.testing.assert_allclose(dy, dx_separate, rtol=1e-6, atol=1e-6)
+    k.normalize("float32", *shape, b.ptr(x), b.ptr(x), mean, var, scale, threads=2)
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    assert np.std(y) > 0.1
+
+
 @pytest.mark.parametrize("shape", [(1000, 63, 1), (16, 5, 3000)], ids=["nhwc", "nchw"])
 def test_thread_count_does_not_change_results(k, shape):
     x = ku.make_x(shape, "float32")
