@@ -144,6 +144,36 @@ def test_large_mean_variance_is_accurate(k):
     np.testing.assert_allclose(var, rv, rtol=1e-3)
 
 
+# The moments are one pass over x around a pilot mean (the mean of a block's
+# first rows): data whose pilot rows are far from the block mean must keep
+# full float32 accuracy.
+def _hard_moments_cases():
+    rng = np.random.default_rng(3)
+    n = 65536
+    outlier = np.zeros((n, 8), np.float64)
+    outlier[0] = 1e6  # the first row of every block of the first channels
+    outlier[1:, 4:] = rng.standard_normal((n - 1, 4))
+    trend = np.sort(rng.standard_normal((n, 8)), axis=0) + np.linspace(1e4, 1e4 + 100, n)[:, None]
+    steps = np.repeat(rng.standard_normal((64, 8)) * 1e3, n // 64, axis=0) + 1e4
+    return {"outlier": outlier, "trend": trend, "steps": steps + rng.standard_normal((n, 8))}
+
+
+@pytest.mark.parametrize("case", ["outlier", "trend", "steps"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_moments_of_hard_data(k, case, layout):
+    x = _hard_moments_cases()[case].astype(np.float32)
+    if layout == "nchw":  # [N, C, S]: rows of 4096 values
+        x = np.ascontiguousarray(x.reshape(16, 4096, 8).transpose(0, 2, 1))
+    else:
+        x = x[:, :, None]
+    shape = x.shape
+    b = ku.NumpyBuffers(2)
+    mean, var = ku.run_moments(k, b, "float32", shape, b.put(x))
+    rm, rv = ku.ref_moments(x)
+    np.testing.assert_allclose(mean, rm, rtol=2e-6, atol=1e-6 * np.abs(x).max())
+    np.testing.assert_allclose(var, rv, rtol=2e-6)
+
+
 def test_errors(k):
     x = np.zeros((4, 3), np.float32)
     m = np.zeros(3, np.float32)

@@ -38,7 +38,7 @@ constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
 // Channels-last loops walk a group of rows (contiguous, in L1) one vector of
 // channels at a time, so per-channel sums live in registers meanwhile. Each
 // channel still sees its rows in order, as in a row-by-row loop.
-constexpr int64_t kGroup = 8;
+constexpr int64_t kGroup = 16;
 // Merges of fewer partial values than this run on the calling thread.
 constexpr int64_t kSerialMerge = int64_t(1) << 18;
 
@@ -181,7 +181,7 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 template <typename T>
 inline bool streamable(const T* out, int64_t row, int64_t total,
                        const T* in0, const T* in1 = nullptr) {
-  return total * int64_t(sizeof(T)) >= kStreamBytes &&
+  return !getenv("FBN_NONT") && total * int64_t(sizeof(T)) >= kStreamBytes &&
          row * int64_t(sizeof(T)) % 64 == 0 &&
          reinterpret_cast<uintptr_t>(out) % 64 == 0 && out != in0 &&
          out != in1;
@@ -264,13 +264,19 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
   return r;
 }
 
-// Per-block mean and M2 (two passes over the block while it is in cache).
-// The block mean is stored in double as mean + sum(x - mean) / n, and M2 is
-// corrected by -(sum(x - mean))^2 / n (corrected two-pass): the rounding of
-// the accumulation-type mean (half an ulp of a large offset) adds neither a
-// bias to the variance nor an error to the merged mean. The second pass sums
-// sub-blocks (kSubRows rows, kSubChunk values) in the accumulation type and
-// adds them in double, so the error does not grow with the block length.
+// Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
+// the block's first kSubRows rows (kSubChunk values), is computed first; the
+// pass then sums d = x - K and d * d, and the block mean is K + sum(d) / n
+// and M2 = sum(d * d) - sum(d)^2 / n, in double. K is an average of the
+// block's own values, so it lies within a few standard deviations of the
+// block mean (for one outlier among the pilot values it is diluted 32-fold,
+// and a trend along the rows raises the variance as much as the offset), and
+// the cancellation in M2 costs a few bits at most; large offsets cancel
+// exactly (x - K is exact near K). The pilot values are read a second time
+// from L1, the rest once: a full second pass, even from L2, made the moments
+// half again slower than a read of x. Sums of d run over sub-blocks
+// (kSubRows rows, kSubChunk values) in the accumulation type and are added
+// in double, so the error does not grow with the block length.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
                    double* __restrict pmean, double* __restrict pm2) {
@@ -281,7 +287,8 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const double n = double(u.end - u.begin);
     double* __restrict mean_out = pmean + u.block * C + u.c0;
     double* __restrict m2_out = pm2 + u.block * C + u.c0;
-    // Sums are shifted by the block's first row: exact for large offsets.
+    // The pilot sums are shifted by the block's first row.
+    const int64_t pilot_end = std::min(u.end, u.begin + kSubRows);
     A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
     double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
@@ -291,8 +298,8 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       dsum_d[c] = m2_out[c] = 0.0;
     }
     const T* __restrict xb = x + u.c0;
-    for (int64_t r0 = u.begin; r0 < u.end; r0 += kGroup) {
-      const int64_t r1 = std::min(u.end, r0 + kGroup);
+    for (int64_t r0 = u.begin; r0 < pilot_end; r0 += kGroup) {
+      const int64_t r1 = std::min(pilot_end, r0 + kGroup);
       const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
         constexpr int K = decltype(k)::value;
         V acc[K], sh[K];
@@ -313,7 +320,8 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
         for (int64_t r = r0; r < r1; ++r) mean[cc] += load(xb[r * C + cc]) - shift[cc];
       }
     }
-    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / A(n);
+    const A pilot_n = A(pilot_end - u.begin);
+    for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / pilot_n;
     for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
       const int64_t r1 = std::min(u.end, r0 + kSubRows);
       for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
@@ -364,10 +372,11 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
     const A shift = load(xr[u.begin]);
     const double n = double(u.end - u.begin);
+    const int64_t pilot_end = std::min(u.end, u.begin + kSubChunk);
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = u.begin; i < u.end; ++i) sum += load(xr[i]) - shift;
-    const A mean = shift + sum / A(n);
+    for (int64_t i = u.begin; i < pilot_end; ++i) sum += load(xr[i]) - shift;
+    const A mean = shift + sum / A(pilot_end - u.begin);
     double m2_d = 0.0, dsum_d = 0.0;
     for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
       const int64_t i1 = std::min(u.end, i0 + kSubChunk);
