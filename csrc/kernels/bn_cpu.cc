@@ -38,7 +38,7 @@ constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
 // Channels-last loops walk a group of rows (contiguous, in L1) one vector of
 // channels at a time, so per-channel sums live in registers meanwhile. Each
 // channel still sees its rows in order, as in a row-by-row loop.
-constexpr int64_t kGroup = 16;
+constexpr int64_t kGroup = 8;
 // Merges of fewer partial values than this run on the calling thread.
 constexpr int64_t kSerialMerge = int64_t(1) << 18;
 
