@@ -145,8 +145,8 @@ def test_large_mean_variance_is_accurate(k):
 
 
 # The moments are one pass over x around a pilot mean (the mean of a block's
-# first rows): data whose pilot rows are far from the block mean must keep
-# full float32 accuracy.
+# first rows), and a second one where that pilot is far from the block mean:
+# such data must keep full float32 accuracy.
 def _hard_moments_cases():
     rng = np.random.default_rng(3)
     n = 65536
@@ -155,10 +155,13 @@ def _hard_moments_cases():
     outlier[1:, 4:] = rng.standard_normal((n - 1, 4))
     trend = np.sort(rng.standard_normal((n, 8)), axis=0) + np.linspace(1e4, 1e4 + 100, n)[:, None]
     steps = np.repeat(rng.standard_normal((64, 8)) * 1e3, n // 64, axis=0) + 1e4
-    return {"outlier": outlier, "trend": trend, "steps": steps + rng.standard_normal((n, 8))}
+    pilot = rng.standard_normal((n, 8))
+    pilot[:32] = 1e6  # all the pilot rows of the first blocks
+    return {"outlier": outlier, "trend": trend, "pilot": pilot,
+            "steps": steps + rng.standard_normal((n, 8))}
 
 
-@pytest.mark.parametrize("case", ["outlier", "trend", "steps"])
+@pytest.mark.parametrize("case", ["outlier", "trend", "steps", "pilot"])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_moments_of_hard_data(k, case, layout):
     x = _hard_moments_cases()[case].astype(np.float32)

@@ -264,19 +264,28 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
   return r;
 }
 
+// Whether the sums around a pilot mean cancel so much that M2 would lose
+// more than a bit or two: sum(d)^2 / n, the part of sum(d * d) due to the
+// pilot's offset from the block mean, is over a quarter of it. The block is
+// then summed again around the mean the first pass found.
+inline bool far_from_pilot(double dsum, double sq, double n) {
+  return dsum * dsum / n > 0.25 * sq;
+}
+
 // Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
 // the block's first kSubRows rows (kSubChunk values), is computed first; the
 // pass then sums d = x - K and d * d, and the block mean is K + sum(d) / n
 // and M2 = sum(d * d) - sum(d)^2 / n, in double. K is an average of the
-// block's own values, so it lies within a few standard deviations of the
-// block mean (for one outlier among the pilot values it is diluted 32-fold,
-// and a trend along the rows raises the variance as much as the offset), and
-// the cancellation in M2 costs a few bits at most; large offsets cancel
-// exactly (x - K is exact near K). The pilot values are read a second time
-// from L1, the rest once: a full second pass, even from L2, made the moments
-// half again slower than a read of x. Sums of d run over sub-blocks
-// (kSubRows rows, kSubChunk values) in the accumulation type and are added
-// in double, so the error does not grow with the block length.
+// block's own values, so it usually lies within a standard deviation or two
+// of the block mean, and large offsets cancel exactly (x - K is exact near
+// K). Where it does not (the pilot rows hold outliers, or the values drift
+// along the rows), far_from_pilot() sends the block through the sums once
+// more, around the mean found: the result is then as accurate as a
+// two-pass. The pilot values are read a second time from L1, the rest once:
+// a full second pass, even from L2, made the moments half again slower than
+// a read of x. Sums of d run over sub-blocks (kSubRows rows, kSubChunk
+// values) in the accumulation type and are added in double, so the error
+// does not grow with the block length.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
                    double* __restrict pmean, double* __restrict pm2) {
@@ -322,46 +331,55 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     }
     const A pilot_n = A(pilot_end - u.begin);
     for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / pilot_n;
-    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
-      const int64_t r1 = std::min(u.end, r0 + kSubRows);
-      for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
-      for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
-        const int64_t g1 = std::min(r1, g0 + kGroup);
-        const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
-          constexpr int K = decltype(k)::value;
-          V mu[K], ds[K], q[K];
-          FUSED_BN_UNROLL
-          for (int j = 0; j < K; ++j) {
-            mu[j] = vload_acc<V>(mean + c + j * kLanesOf<T>);
-            ds[j] = vload_acc<V>(dsum + c + j * kLanesOf<T>);
-            q[j] = vload_acc<V>(m2 + c + j * kLanesOf<T>);
-          }
-          for (int64_t r = g0; r < g1; ++r) {
-            const T* __restrict xr = xb + r * C + c;
+    for (int pass = 0;; ++pass) {
+      for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
+        const int64_t r1 = std::min(u.end, r0 + kSubRows);
+        for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
+        for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+          const int64_t g1 = std::min(r1, g0 + kGroup);
+          const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
+            constexpr int K = decltype(k)::value;
+            V mu[K], ds[K], q[K];
             FUSED_BN_UNROLL
             for (int j = 0; j < K; ++j) {
-              const V d = vload(xr + j * kLanesOf<T>) - mu[j];
-              ds[j] += d;
-              q[j] += d * d;
+              mu[j] = vload_acc<V>(mean + c + j * kLanesOf<T>);
+              ds[j] = vload_acc<V>(dsum + c + j * kLanesOf<T>);
+              q[j] = vload_acc<V>(m2 + c + j * kLanesOf<T>);
+            }
+            for (int64_t r = g0; r < g1; ++r) {
+              const T* __restrict xr = xb + r * C + c;
+              FUSED_BN_UNROLL
+              for (int j = 0; j < K; ++j) {
+                const V d = vload(xr + j * kLanesOf<T>) - mu[j];
+                ds[j] += d;
+                q[j] += d * d;
+              }
+            }
+            FUSED_BN_UNROLL
+            for (int j = 0; j < K; ++j) {
+              vstore_acc(dsum + c + j * kLanesOf<T>, ds[j]);
+              vstore_acc(m2 + c + j * kLanesOf<T>, q[j]);
+            }
+          });
+          for (int64_t cc = c; cc < w; ++cc) {
+            for (int64_t r = g0; r < g1; ++r) {
+              const A d = load(xb[r * C + cc]) - mean[cc];
+              dsum[cc] += d;
+              m2[cc] += d * d;
             }
           }
-          FUSED_BN_UNROLL
-          for (int j = 0; j < K; ++j) {
-            vstore_acc(dsum + c + j * kLanesOf<T>, ds[j]);
-            vstore_acc(m2 + c + j * kLanesOf<T>, q[j]);
-          }
-        });
-        for (int64_t cc = c; cc < w; ++cc) {
-          for (int64_t r = g0; r < g1; ++r) {
-            const A d = load(xb[r * C + cc]) - mean[cc];
-            dsum[cc] += d;
-            m2[cc] += d * d;
-          }
+        }
+        for (int64_t c = 0; c < w; ++c) {
+          dsum_d[c] += double(dsum[c]);
+          m2_out[c] += double(m2[c]);
         }
       }
+      bool recenter = false;
+      for (int64_t c = 0; c < w; ++c) recenter |= far_from_pilot(dsum_d[c], m2_out[c], n);
+      if (pass > 0 || !recenter) break;
       for (int64_t c = 0; c < w; ++c) {
-        dsum_d[c] += double(dsum[c]);
-        m2_out[c] += double(m2[c]);
+        mean[c] = A(double(mean[c]) + dsum_d[c] / n);
+        dsum_d[c] = m2_out[c] = 0.0;
       }
     }
     for (int64_t c = 0; c < w; ++c) {
@@ -376,19 +394,24 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = u.begin; i < pilot_end; ++i) sum += load(xr[i]) - shift;
-    const A mean = shift + sum / A(pilot_end - u.begin);
+    A mean = shift + sum / A(pilot_end - u.begin);
     double m2_d = 0.0, dsum_d = 0.0;
-    for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
-      const int64_t i1 = std::min(u.end, i0 + kSubChunk);
-      A m2 = 0, dsum = 0;
-#pragma omp simd reduction(+ : m2, dsum)
-      for (int64_t i = i0; i < i1; ++i) {
-        const A d = load(xr[i]) - mean;
-        dsum += d;
-        m2 += d * d;
+    for (int pass = 0;; ++pass) {
+      for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
+        const int64_t i1 = std::min(u.end, i0 + kSubChunk);
+        A m2 = 0, dsum = 0;
+  #pragma omp simd reduction(+ : m2, dsum)
+        for (int64_t i = i0; i < i1; ++i) {
+          const A d = load(xr[i]) - mean;
+          dsum += d;
+          m2 += d * d;
+        }
+        m2_d += double(m2);
+        dsum_d += double(dsum);
       }
-      m2_d += double(m2);
-      dsum_d += double(dsum);
+      if (pass > 0 || !far_from_pilot(dsum_d, m2_d, n)) break;
+      mean = A(double(mean) + dsum_d / n);
+      dsum_d = m2_d = 0.0;
     }
     pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d / n;
     pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d / n);
