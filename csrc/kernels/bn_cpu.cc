@@ -181,7 +181,7 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 template <typename T>
 inline bool streamable(const T* out, int64_t row, int64_t total,
                        const T* in0, const T* in1 = nullptr) {
-  return !getenv("FBN_NONT") && total * int64_t(sizeof(T)) >= kStreamBytes &&
+  return total * int64_t(sizeof(T)) >= kStreamBytes &&
          row * int64_t(sizeof(T)) % 64 == 0 &&
          reinterpret_cast<uintptr_t>(out) % 64 == 0 && out != in0 &&
          out != in1;
