@@ -30,11 +30,12 @@ namespace {
 
 constexpr int64_t kTileChannels = 1024;  // channels-last tile width
 constexpr int64_t kBlockElems = 65536;   // values per channels-last block
-constexpr int64_t kMinRows = 64;         // rows per channels-last block, min
+constexpr int64_t kMinRows = 256;         // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
 constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
 constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
+constexpr int64_t kPilotRows = 8;        // moments: rows of the pilot mean
 // Channels-last loops walk a group of rows (contiguous, in L1) one vector of
 // channels at a time, so per-channel sums live in registers meanwhile. Each
 // channel still sees its rows in order, as in a row-by-row loop.
@@ -264,28 +265,32 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
   return r;
 }
 
-// Whether the sums around a pilot mean cancel so much that M2 would lose
-// more than a bit or two: sum(d)^2 / n, the part of sum(d * d) due to the
-// pilot's offset from the block mean, is over a quarter of it. The block is
-// then summed again around the mean the first pass found.
+// Whether the sums around a pilot mean K cancel so much that M2 would lose
+// more than 3 bits: sum(d)^2 / n, the part of sum(d * d) due to K's offset
+// from the block mean, is over 7/8 of it (the rounding errors of the sums,
+// relative to M2, grow as 1 / (1 - that fraction)). Then the block is summed
+// again around the mean the first pass found. For data without outliers
+// this never happens: the offset of a mean of kPilotRows rows is about
+// sigma / sqrt(kPilotRows), and 7/8 needs sqrt(7) sigma; a lower bar would
+// be crossed by chance by some channel of a wide tile nearly every block.
 inline bool far_from_pilot(double dsum, double sq, double n) {
-  return dsum * dsum / n > 0.25 * sq;
+  return dsum * dsum / n > 0.875 * sq;
 }
 
 // Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
-// the block's first kSubRows rows (kSubChunk values), is computed first; the
-// pass then sums d = x - K and d * d, and the block mean is K + sum(d) / n
-// and M2 = sum(d * d) - sum(d)^2 / n, in double. K is an average of the
-// block's own values, so it usually lies within a standard deviation or two
-// of the block mean, and large offsets cancel exactly (x - K is exact near
-// K). Where it does not (the pilot rows hold outliers, or the values drift
-// along the rows), far_from_pilot() sends the block through the sums once
-// more, around the mean found: the result is then as accurate as a
-// two-pass. The pilot values are read a second time from L1, the rest once:
-// a full second pass, even from L2, made the moments half again slower than
-// a read of x. Sums of d run over sub-blocks (kSubRows rows, kSubChunk
-// values) in the accumulation type and are added in double, so the error
-// does not grow with the block length.
+// the block's first kPilotRows rows (kSubChunk values), is computed first;
+// the pass then sums d = x - K and d * d, and the block mean is
+// K + sum(d) / n and M2 = sum(d * d) - sum(d)^2 / n, in double. K is an
+// average of the block's own values, so it usually lies within a standard
+// deviation of the block mean, and large offsets cancel exactly (x - K is
+// exact near K). Where it does not (the pilot rows hold outliers, or the
+// values drift along the rows), far_from_pilot() sends the block through
+// the sums once more, around the mean found: the result is then as
+// accurate as a two-pass. The pilot values are read a second time from L1,
+// the rest once: a full second pass, even from L2, made the moments half
+// again slower than a read of x. Sums of d run over sub-blocks (kSubRows
+// rows, kSubChunk values) in the accumulation type and are added in double,
+// so the error does not grow with the block length.
 template <typename T>
 void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
                    double* __restrict pmean, double* __restrict pm2) {
@@ -297,7 +302,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     double* __restrict mean_out = pmean + u.block * C + u.c0;
     double* __restrict m2_out = pm2 + u.block * C + u.c0;
     // The pilot sums are shifted by the block's first row.
-    const int64_t pilot_end = std::min(u.end, u.begin + kSubRows);
+    const int64_t pilot_end = std::min(u.end, u.begin + kPilotRows);
     A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
     double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
