@@ -30,11 +30,11 @@ namespace {
 
 constexpr int64_t kTileChannels = 1024;  // channels-last tile width
 constexpr int64_t kBlockElems = 65536;   // values per channels-last block
-constexpr int64_t kMinRows = 256;         // rows per channels-last block, min
+constexpr int64_t kMinRows = 256;        // rows per channels-last block, min
 constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
-constexpr int64_t kSubRows = 32;         // backward: rows per float sub-sum
-constexpr int64_t kSubChunk = 512;       // backward: values per float sub-sum
+constexpr int64_t kSubRows = 32;         // rows per float sub-sum
+constexpr int64_t kSubChunk = 512;       // values per float sub-sum
 constexpr int64_t kPilotRows = 8;        // moments: rows of the pilot mean
 // Channels-last loops walk a group of rows (contiguous, in L1) one vector of
 // channels at a time, so per-channel sums live in registers meanwhile. Each
