@@ -156,7 +156,7 @@ def _hard_moments_cases():
     trend = np.sort(rng.standard_normal((n, 8)), axis=0) + np.linspace(1e4, 1e4 + 100, n)[:, None]
     steps = np.repeat(rng.standard_normal((64, 8)) * 1e3, n // 64, axis=0) + 1e4
     pilot = rng.standard_normal((n, 8))
-    pilot[:32] = 1e6  # all the pilot rows of the first blocks
+    pilot[:32] = 1e6  # the pilot rows of the first block, and more
     return {"outlier": outlier, "trend": trend, "pilot": pilot,
             "steps": steps + rng.standard_normal((n, 8))}
 

@@ -35,7 +35,7 @@ constexpr int64_t kChunk = 16384;        // channels-first chunk of one row
 constexpr int64_t kMergeTile = 256;      // channels per merge work item
 constexpr int64_t kSubRows = 32;         // rows per float sub-sum
 constexpr int64_t kSubChunk = 512;       // values per float sub-sum
-constexpr int64_t kPilotRows = 8;        // moments: rows of the pilot mean
+constexpr int64_t kPilot = 8;            // moments: rows (values) of the pilot
 // Channels-last loops walk a group of rows (contiguous, in L1) one vector of
 // channels at a time, so per-channel sums live in registers meanwhile. Each
 // channel still sees its rows in order, as in a row-by-row loop.
@@ -171,6 +171,43 @@ inline auto pack(VecOf<T> v) {
   }
 }
 
+// Sums over a contiguous range [i0, i1) for the channels-first loops:
+// vec(i, acc) adds the values at i .. i + lanes - 1 to the vector
+// accumulators acc[0..K), two interleaved sets of them (two independent
+// add chains); tail(i, out) adds the value at i to out[0..K) directly.
+// out[k] receives the pairwise horizontal sum of set k, then the tail.
+// (GCC's `omp simd` reductions finished with a serial sum of the lanes
+// from memory, longer than the loop itself for a 7x7 row.)
+template <typename V>
+inline auto hsum(V v) {
+  using E = std::remove_reference_t<decltype(v[0])>;
+  constexpr int n = sizeof(V) / sizeof(E);
+  E t[n];
+  std::memcpy(t, &v, sizeof(v));
+  for (int w = n / 2; w > 0; w /= 2) {
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  }
+  return t[0];
+}
+template <typename T, int K, typename Vec, typename Tail>
+inline void row_sums(int64_t i0, int64_t i1, Vec&& vec, Tail&& tail,
+                     typename AccOf<T>::type* out) {
+  using V = VecOf<T>;
+  constexpr int64_t L = kLanesOf<T>;
+  V a[K] = {}, b[K] = {};
+  int64_t i = i0;
+  for (; i + 2 * L <= i1; i += 2 * L) {
+    vec(i, a);
+    vec(i + L, b);
+  }
+  if (i + L <= i1) {
+    vec(i, a);
+    i += L;
+  }
+  for (int k = 0; k < K; ++k) out[k] = hsum(a[k] + b[k]);
+  for (; i < i1; ++i) tail(i, out);
+}
+
 // Outputs of at least kStreamBytes (y, dx) whose rows are whole 64-byte
 // lines are written with non-temporal stores. They would not stay in the
 // private caches anyway (a few MB per core), and a normal store first reads
@@ -237,9 +274,9 @@ struct Blocks {
   }
 };
 
-// Calls fn(b, c0, c1, rows or chunk range) for unit u. For channels-last the
-// unit covers rows [r0, r1) and channels [c0, c1); for channels-first it
-// covers values [s0, s1) of row (o, c), with c1 == c0 + 1.
+// Unit u of a shape's blocks. For channels-last it covers rows
+// [begin, end) and channels [c0, c1) of block `block`; for channels-first
+// it covers values [begin, end) of row (o, c0), with c1 == c0 + 1.
 struct Unit {
   int64_t block, c0, c1, begin, end, o;
 };
@@ -265,20 +302,46 @@ inline Unit unit_of(const Shape& s, const Blocks& g, int64_t u) {
   return r;
 }
 
+// Calls fn(unit) for units [u0, u1), stepping from one to the next without
+// the divisions of unit_of: channels-first rows can be as short as 49
+// values, and four 64-bit divisions cost as much as reducing them.
+template <typename F>
+inline void for_units(const Shape& s, const Blocks& g, int64_t u0, int64_t u1,
+                      F&& fn) {
+  if (u0 >= u1) return;
+  Unit r = unit_of(s, g, u0);
+  for (int64_t u = u0;;) {
+    fn(static_cast<const Unit&>(r));
+    if (++u == u1) return;
+    if (g.channels_last) {
+      if (r.c1 < s.channels) {
+        r.c0 = r.c1;
+        r.c1 = std::min(s.channels, r.c0 + g.tile);
+      } else {
+        r = unit_of(s, g, u);  // next row block
+      }
+    } else if (r.c1 < s.channels) {
+      r.c0 = r.c1++;
+    } else {
+      r = unit_of(s, g, u);  // next row or chunk
+    }
+  }
+}
+
 // Whether the sums around a pilot mean K cancel so much that M2 would lose
 // more than 3 bits: sum(d)^2 / n, the part of sum(d * d) due to K's offset
 // from the block mean, is over 7/8 of it (the rounding errors of the sums,
 // relative to M2, grow as 1 / (1 - that fraction)). Then the block is summed
 // again around the mean the first pass found. For data without outliers
-// this never happens: the offset of a mean of kPilotRows rows is about
-// sigma / sqrt(kPilotRows), and 7/8 needs sqrt(7) sigma; a lower bar would
+// this never happens: the offset of a mean of kPilot values is about
+// sigma / sqrt(kPilot), and 7/8 needs sqrt(7) sigma; a lower bar would
 // be crossed by chance by some channel of a wide tile nearly every block.
-inline bool far_from_pilot(double dsum, double sq, double n) {
-  return dsum * dsum / n > 0.875 * sq;
+inline bool far_from_pilot(double dsum, double sq, double inv_n) {
+  return dsum * dsum * inv_n > 0.875 * sq;
 }
 
 // Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
-// the block's first kPilotRows rows (kSubChunk values), is computed first;
+// the block's first kPilot rows (channels-last) or values, comes first;
 // the pass then sums d = x - K and d * d, and the block mean is
 // K + sum(d) / n and M2 = sum(d * d) - sum(d)^2 / n, in double. K is an
 // average of the block's own values, so it usually lies within a standard
@@ -298,11 +361,11 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
   if (s.inner == 1) {
     using V = VecOf<T>;
     const int64_t C = s.channels, w = u.c1 - u.c0;
-    const double n = double(u.end - u.begin);
+    const double inv_n = 1.0 / double(u.end - u.begin);
     double* __restrict mean_out = pmean + u.block * C + u.c0;
     double* __restrict m2_out = pm2 + u.block * C + u.c0;
     // The pilot sums are shifted by the block's first row.
-    const int64_t pilot_end = std::min(u.end, u.begin + kPilotRows);
+    const int64_t pilot_end = std::min(u.end, u.begin + kPilot);
     A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
     double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
@@ -380,46 +443,48 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
         }
       }
       bool recenter = false;
-      for (int64_t c = 0; c < w; ++c) recenter |= far_from_pilot(dsum_d[c], m2_out[c], n);
+      for (int64_t c = 0; c < w; ++c) recenter |= far_from_pilot(dsum_d[c], m2_out[c], inv_n);
       if (pass > 0 || !recenter) break;
       for (int64_t c = 0; c < w; ++c) {
-        mean[c] = A(double(mean[c]) + dsum_d[c] / n);
+        mean[c] = A(double(mean[c]) + dsum_d[c] * inv_n);
         dsum_d[c] = m2_out[c] = 0.0;
       }
     }
     for (int64_t c = 0; c < w; ++c) {
-      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] / n);
-      mean_out[c] = double(mean[c]) + dsum_d[c] / n;
+      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] * inv_n);
+      mean_out[c] = double(mean[c]) + dsum_d[c] * inv_n;
     }
   } else {
     const T* __restrict xr = x + (u.o * s.channels + u.c0) * s.inner;
     const A shift = load(xr[u.begin]);
-    const double n = double(u.end - u.begin);
-    const int64_t pilot_end = std::min(u.end, u.begin + kSubChunk);
+    const double inv_n = 1.0 / double(u.end - u.begin);
+    const int64_t pilot_end = std::min(u.end, u.begin + kPilot);
     A sum = 0;
-#pragma omp simd reduction(+ : sum)
     for (int64_t i = u.begin; i < pilot_end; ++i) sum += load(xr[i]) - shift;
     A mean = shift + sum / A(pilot_end - u.begin);
     double m2_d = 0.0, dsum_d = 0.0;
     for (int pass = 0;; ++pass) {
       for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
         const int64_t i1 = std::min(u.end, i0 + kSubChunk);
-        A m2 = 0, dsum = 0;
-  #pragma omp simd reduction(+ : m2, dsum)
-        for (int64_t i = i0; i < i1; ++i) {
+        A sums[2] = {0, 0};  // sum(d), sum(d * d)
+        row_sums<T, 2>(i0, i1, [&](int64_t i, auto& acc) {
+          const auto d = vload(xr + i) - mean;
+          acc[0] += d;
+          acc[1] += d * d;
+        }, [&](int64_t i, A* acc) {
           const A d = load(xr[i]) - mean;
-          dsum += d;
-          m2 += d * d;
-        }
-        m2_d += double(m2);
-        dsum_d += double(dsum);
+          acc[0] += d;
+          acc[1] += d * d;
+        }, sums);
+        dsum_d += double(sums[0]);
+        m2_d += double(sums[1]);
       }
-      if (pass > 0 || !far_from_pilot(dsum_d, m2_d, n)) break;
-      mean = A(double(mean) + dsum_d / n);
+      if (pass > 0 || !far_from_pilot(dsum_d, m2_d, inv_n)) break;
+      mean = A(double(mean) + dsum_d * inv_n);
       dsum_d = m2_d = 0.0;
     }
-    pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d / n;
-    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d / n);
+    pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d * inv_n;
+    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d * inv_n);
   }
 }
 
@@ -466,9 +531,9 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      block_moments(s, unit_of(s, g, u), x, pmean.data(), pm2.data());
-    }
+    for_units(s, g, u0, u1, [&](const Unit& u) {
+      block_moments(s, u, x, pmean.data(), pm2.data());
+    });
   });
   merge_moments(s, g, pmean.data(), pm2.data(), mean, var, pf);
 }
@@ -678,15 +743,18 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
     double sd_acc = 0.0, sx_acc = 0.0;
     for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
       const int64_t i1 = std::min(u.end, i0 + kSubChunk);
-      A sd = 0, sx = 0;
-#pragma omp simd reduction(+ : sd, sx)
-      for (int64_t i = i0; i < i1; ++i) {
+      A sums[2] = {0, 0};  // sum(dy), sum(dy * (x - mean))
+      row_sums<T, 2>(i0, i1, [&](int64_t i, auto& acc) {
+        const auto d = vload(dr + i);
+        acc[0] += d;
+        acc[1] += d * (vload(xr + i) - m);
+      }, [&](int64_t i, A* acc) {
         const A d = load(dr[i]);
-        sd += d;
-        sx += d * (load(xr[i]) - m);
-      }
-      sd_acc += double(sd);
-      sx_acc += double(sx);
+        acc[0] += d;
+        acc[1] += d * (load(xr[i]) - m);
+      }, sums);
+      sd_acc += double(sums[0]);
+      sx_acc += double(sums[1]);
     }
     pdy[u.block * s.channels + u.c0] = sd_acc;
     pdyx[u.block * s.channels + u.c0] = sx_acc;
@@ -709,10 +777,9 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   const int64_t units = g.units(s);
   const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
   pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      block_grad_sums(s, unit_of(s, g, u), dy, x, mean, pdy.data(),
-                      pdyx.data());
-    }
+    for_units(s, g, u0, u1, [&](const Unit& u) {
+      block_grad_sums(s, u, dy, x, mean, pdy.data(), pdyx.data());
+    });
   });
   // Sum the block partials in block order, in double.
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
