@@ -328,6 +328,58 @@ inline void for_units(const Shape& s, const Blocks& g, int64_t u0, int64_t u1,
   }
 }
 
+// Two per-channel sums over rows [begin, end) of a channels-last block of
+// w channels, added in double to out0[0, w) and out1[0, w):
+// vec(r, c, mu, a, b) adds the terms of row r, channels [c, c + lanes) to
+// vectors a and b, tail(r, c, mu, a, b) those of one channel; mu is the
+// center, center[c]. Sub-sums of kSubRows rows are kept in the accumulation
+// type. Rows go in groups of kGroup, a group one vector of channels at a
+// time (for_columns), so the sums stay in registers over the group; each
+// channel still sees its rows in order.
+template <typename T, typename Vec, typename Tail>
+inline void column_sums(int64_t begin, int64_t end, int64_t w,
+                        const typename AccOf<T>::type* center,
+                        double* __restrict out0, double* __restrict out1,
+                        Vec&& vec, Tail&& tail) {
+  using A = typename AccOf<T>::type;
+  using V = VecOf<T>;
+  constexpr int64_t L = kLanesOf<T>;
+  A s0[kTileChannels], s1[kTileChannels];
+  for (int64_t r0 = begin; r0 < end; r0 += kSubRows) {
+    const int64_t r1 = std::min(end, r0 + kSubRows);
+    for (int64_t c = 0; c < w; ++c) s0[c] = s1[c] = A(0);
+    for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+      const int64_t g1 = std::min(r1, g0 + kGroup);
+      const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
+        constexpr int K = decltype(k)::value;
+        V mu[K], a[K], b[K];
+        FUSED_BN_UNROLL
+        for (int j = 0; j < K; ++j) {
+          mu[j] = vload_acc<V>(center + c + j * L);
+          a[j] = vload_acc<V>(s0 + c + j * L);
+          b[j] = vload_acc<V>(s1 + c + j * L);
+        }
+        for (int64_t r = g0; r < g1; ++r) {
+          FUSED_BN_UNROLL
+          for (int j = 0; j < K; ++j) vec(r, c + j * L, mu[j], a[j], b[j]);
+        }
+        FUSED_BN_UNROLL
+        for (int j = 0; j < K; ++j) {
+          vstore_acc(s0 + c + j * L, a[j]);
+          vstore_acc(s1 + c + j * L, b[j]);
+        }
+      });
+      for (int64_t cc = c; cc < w; ++cc) {
+        for (int64_t r = g0; r < g1; ++r) tail(r, cc, center[cc], s0[cc], s1[cc]);
+      }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      out0[c] += double(s0[c]);
+      out1[c] += double(s1[c]);
+    }
+  }
+}
+
 // Whether the sums around a pilot mean K cancel so much that M2 would lose
 // more than 3 bits: sum(d)^2 / n, the part of sum(d * d) due to K's offset
 // from the block mean, is over 7/8 of it (the rounding errors of the sums,
@@ -366,7 +418,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     double* __restrict m2_out = pm2 + u.block * C + u.c0;
     // The pilot sums are shifted by the block's first row.
     const int64_t pilot_end = std::min(u.end, u.begin + kPilot);
-    A shift[kTileChannels], mean[kTileChannels], dsum[kTileChannels], m2[kTileChannels];
+    A shift[kTileChannels], mean[kTileChannels];
     double dsum_d[kTileChannels];
     const T* __restrict x0 = x + u.begin * C + u.c0;
     for (int64_t c = 0; c < w; ++c) {
@@ -400,48 +452,17 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const A pilot_n = A(pilot_end - u.begin);
     for (int64_t c = 0; c < w; ++c) mean[c] = shift[c] + mean[c] / pilot_n;
     for (int pass = 0;; ++pass) {
-      for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
-        const int64_t r1 = std::min(u.end, r0 + kSubRows);
-        for (int64_t c = 0; c < w; ++c) dsum[c] = m2[c] = A(0);
-        for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
-          const int64_t g1 = std::min(r1, g0 + kGroup);
-          const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
-            constexpr int K = decltype(k)::value;
-            V mu[K], ds[K], q[K];
-            FUSED_BN_UNROLL
-            for (int j = 0; j < K; ++j) {
-              mu[j] = vload_acc<V>(mean + c + j * kLanesOf<T>);
-              ds[j] = vload_acc<V>(dsum + c + j * kLanesOf<T>);
-              q[j] = vload_acc<V>(m2 + c + j * kLanesOf<T>);
-            }
-            for (int64_t r = g0; r < g1; ++r) {
-              const T* __restrict xr = xb + r * C + c;
-              FUSED_BN_UNROLL
-              for (int j = 0; j < K; ++j) {
-                const V d = vload(xr + j * kLanesOf<T>) - mu[j];
-                ds[j] += d;
-                q[j] += d * d;
-              }
-            }
-            FUSED_BN_UNROLL
-            for (int j = 0; j < K; ++j) {
-              vstore_acc(dsum + c + j * kLanesOf<T>, ds[j]);
-              vstore_acc(m2 + c + j * kLanesOf<T>, q[j]);
-            }
-          });
-          for (int64_t cc = c; cc < w; ++cc) {
-            for (int64_t r = g0; r < g1; ++r) {
-              const A d = load(xb[r * C + cc]) - mean[cc];
-              dsum[cc] += d;
-              m2[cc] += d * d;
-            }
-          }
-        }
-        for (int64_t c = 0; c < w; ++c) {
-          dsum_d[c] += double(dsum[c]);
-          m2_out[c] += double(m2[c]);
-        }
-      }
+      column_sums<T>(u.begin, u.end, w, mean, dsum_d, m2_out,
+                     [&](int64_t r, int64_t c, V mu, V& a, V& b) {
+                       const V d = vload(xb + r * C + c) - mu;
+                       a += d;
+                       b += d * d;
+                     },
+                     [&](int64_t r, int64_t c, A mu, A& a, A& b) {
+                       const A d = load(xb[r * C + c]) - mu;
+                       a += d;
+                       b += d * d;
+                     });
       bool recenter = false;
       for (int64_t c = 0; c < w; ++c) recenter |= far_from_pilot(dsum_d[c], m2_out[c], inv_n);
       if (pass > 0 || !recenter) break;
@@ -687,54 +708,25 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
     const int64_t C = s.channels, w = u.c1 - u.c0;
     double* __restrict sd_out = pdy + u.block * C + u.c0;
     double* __restrict sx_out = pdyx + u.block * C + u.c0;
-    A m[kTileChannels], sd[kTileChannels], sx[kTileChannels];
+    A m[kTileChannels];
     for (int64_t c = 0; c < w; ++c) {
       sd_out[c] = sx_out[c] = 0.0;
       m[c] = A(mean[u.c0 + c]);
     }
     using V = VecOf<T>;
-    for (int64_t r0 = u.begin; r0 < u.end; r0 += kSubRows) {
-      const int64_t r1 = std::min(u.end, r0 + kSubRows);
-      for (int64_t c = 0; c < w; ++c) sd[c] = sx[c] = A(0);
-      for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
-        const int64_t g1 = std::min(r1, g0 + kGroup);
-        const int64_t c = for_columns<T>(w, [&](int64_t c, auto k) {
-          constexpr int K = decltype(k)::value;
-          V mu[K], a[K], b[K];
-          FUSED_BN_UNROLL
-          for (int j = 0; j < K; ++j) {
-            mu[j] = vload_acc<V>(m + c + j * kLanesOf<T>);
-            a[j] = vload_acc<V>(sd + c + j * kLanesOf<T>);
-            b[j] = vload_acc<V>(sx + c + j * kLanesOf<T>);
-          }
-          for (int64_t r = g0; r < g1; ++r) {
-            const int64_t off = r * C + u.c0 + c;
-            FUSED_BN_UNROLL
-            for (int j = 0; j < K; ++j) {
-              const V d = vload(dy + off + j * kLanesOf<T>);
-              a[j] += d;
-              b[j] += d * (vload(x + off + j * kLanesOf<T>) - mu[j]);
-            }
-          }
-          FUSED_BN_UNROLL
-          for (int j = 0; j < K; ++j) {
-            vstore_acc(sd + c + j * kLanesOf<T>, a[j]);
-            vstore_acc(sx + c + j * kLanesOf<T>, b[j]);
-          }
-        });
-        for (int64_t cc = c; cc < w; ++cc) {
-          for (int64_t r = g0; r < g1; ++r) {
-            const A d = load(dy[r * C + u.c0 + cc]);
-            sd[cc] += d;
-            sx[cc] += d * (load(x[r * C + u.c0 + cc]) - m[cc]);
-          }
-        }
-      }
-      for (int64_t c = 0; c < w; ++c) {
-        sd_out[c] += double(sd[c]);
-        sx_out[c] += double(sx[c]);
-      }
-    }
+    const T* __restrict xb = x + u.c0;
+    const T* __restrict db = dy + u.c0;
+    column_sums<T>(u.begin, u.end, w, m, sd_out, sx_out,
+                   [&](int64_t r, int64_t c, V mu, V& a, V& b) {
+                     const V d = vload(db + r * C + c);
+                     a += d;
+                     b += d * (vload(xb + r * C + c) - mu);
+                   },
+                   [&](int64_t r, int64_t c, A mu, A& a, A& b) {
+                     const A d = load(db[r * C + c]);
+                     a += d;
+                     b += d * (load(xb[r * C + c]) - mu);
+                   });
   } else {
     const int64_t off = (u.o * s.channels + u.c0) * s.inner;
     const T* __restrict xr = x + off;
