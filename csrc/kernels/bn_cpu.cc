@@ -1,13 +1,15 @@
 // CPU kernels for bn.h.
 //
 // Work is split into blocks whose bounds depend only on the shape:
-//   channels-last  [M, C]:     a block is kRowBlock-ish rows x a channel tile;
-//                              inner loops run over contiguous channels.
+//   channels-last  [M, C]:     a block is kBlockElems / C rows (at least
+//                              kMinRows) x a channel tile; inner loops run
+//                              over contiguous channels.
 //   channels-first [N, C, S]:  a block is one (n, c) row chunk of <= kChunk
 //                              contiguous values; inner loops run over S.
-// Each block writes its own partial (mean and M2 from an in-cache two-pass,
-// or plain sums for the backward); partials are merged per channel in block
-// order, in double. Results therefore do not depend on the thread count.
+// Each block writes its own partial (mean and M2 from one pass around a
+// pilot mean, see block_moments, or plain sums for the backward); partials
+// are merged per channel in block order, in double. Results therefore do
+// not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -419,7 +421,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
     const double inv_n = 1.0 / double(u.end - u.begin);
     double* __restrict mean_out = pmean + u.block * C + u.c0;
     double* __restrict m2_out = pm2 + u.block * C + u.c0;
-    // The pilot sums are shifted by the block's first row.
+    // The pilot's own sums are shifted by the block's first row.
     const int64_t pilot_end = std::min(u.end, u.begin + kPilot);
     A shift[kTileChannels], mean[kTileChannels];
     double dsum_d[kTileChannels];
