@@ -239,11 +239,49 @@ inline void vstream(T* p, VecOf<T> v) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)bits);
   }
 }
-// Writes one streamable row of n values, out[i] = f(i) for i in steps of
-// kLanesOf<T>.
-template <typename T, typename F>
-inline void stream_row(T* __restrict out, int64_t n, F&& f) {
-  for (int64_t i = 0; i < n; i += kLanesOf<T>) vstream(out + i, f(i));
+// The writer of one row of an elementwise pass: vec(i) gives the values
+// i .. i + lanes - 1 as a vector, at(i) value i.
+template <typename Vec, typename At>
+struct RowWriter {
+  Vec vec;
+  At at;
+};
+template <typename Vec, typename At>
+inline RowWriter<Vec, At> row_writer(Vec vec, At at) {
+  return {vec, at};
+}
+
+// An elementwise pass (y, dx) over the rows of x: channels-last rows of C
+// values, sharded kBlockElems values at a time, or channels-first rows of
+// S = inner values, one (n, c) row an item. row(r) returns the RowWriter of
+// row r, with the row's constants (a channels-first row's channel factors)
+// captured once. A streamable output (streamable(), given the inputs it
+// might share a buffer with) is written a vector at a time with
+// non-temporal stores; otherwise by a plain loop over at(i), vectorized.
+template <typename T, typename Row>
+void elementwise_pass(const Shape& s, T* out, const T* in0,
+                      const std::common_type_t<T>* in1,
+                      const ParallelFor& pf, Row&& row) {
+  const bool last = s.inner == 1;
+  const int64_t n = last ? s.channels : s.inner;
+  const int64_t rows = last ? s.outer : s.outer * s.channels;
+  const int64_t rows_per = last ? std::max<int64_t>(1, kBlockElems / n) : 1;
+  const bool stream = streamable(out, n, s.size(), in0, in1);
+  pf((rows + rows_per - 1) / rows_per, rows_per * n * int64_t(sizeof(T)),
+     [&](int64_t b0, int64_t b1) {
+       const int64_t r1 = std::min(rows, b1 * rows_per);
+       for (int64_t r = b0 * rows_per; r < r1; ++r) {
+         const auto w = row(r);
+         T* o = out + r * n;
+         if (stream) {
+           for (int64_t i = 0; i < n; i += kLanesOf<T>) vstream(o + i, w.vec(i));
+         } else {
+#pragma omp simd
+           for (int64_t i = 0; i < n; ++i) o[i] = store<T>(w.at(i));
+         }
+       }
+       if (stream) _mm_sfence();
+     });
 }
 
 // Geometry of the reduction blocks of one shape.
@@ -566,9 +604,8 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
 
 // y = (x - mean) * a + offset, per channel.
 template <typename T, typename U>
-void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
-                const U* mean, const U* a, const U* offset,
-                const ParallelFor& pf) {
+void apply_impl(const Shape& s, const T* x, T* y, const U* mean, const U* a,
+                const U* offset, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
   using V = VecOf<T>;
   const int64_t C = s.channels;
@@ -579,55 +616,28 @@ void apply_impl(const Shape& s, const T* __restrict x, T* __restrict y,
       k[c] = A(a[c]);
       b[c] = offset ? A(offset[c]) : A(0);
     }
-    const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
-    const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
-    const bool stream = streamable(y, C, s.size(), x);
-    pf(blocks, rows_per * C * sizeof(T), [&](int64_t b0, int64_t b1) {
-      const A* __restrict mm = m.data();
-      const A* __restrict kk = k.data();
-      const A* __restrict bb = b.data();
-      const int64_t r1 = std::min(s.outer, b1 * rows_per);
-      if (stream) {
-        for (int64_t r = b0 * rows_per; r < r1; ++r) {
-          const T* __restrict xr = x + r * C;
-          stream_row(y + r * C, C, [&](int64_t c) {
+    const A* mm = m.data();
+    const A* kk = k.data();
+    const A* bb = b.data();
+    elementwise_pass(s, y, x, nullptr, pf, [&](int64_t r) {
+      const T* xr = x + r * C;
+      return row_writer(
+          [=](int64_t c) {
             return (vload(xr + c) - vload_acc<V>(mm + c)) * vload_acc<V>(kk + c) +
                    vload_acc<V>(bb + c);
-          });
-        }
-        _mm_sfence();
-        return;
-      }
-      for (int64_t r = b0 * rows_per; r < r1; ++r) {
-        const T* __restrict xr = x + r * C;
-        T* __restrict yr = y + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          yr[c] = store<T>((load(xr[c]) - mm[c]) * kk[c] + bb[c]);
-        }
-      }
+          },
+          [=](int64_t c) { return (load(xr[c]) - mm[c]) * kk[c] + bb[c]; });
     });
   } else {
     const int64_t S = s.inner;
-    const bool stream = streamable(y, S, s.size(), x);
-    pf(s.outer * C, S * sizeof(T), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
-        const A mm = A(mean[c]), kk = A(a[c]);
-        const A bb = offset ? A(offset[c]) : A(0);
-        const T* __restrict xr = x + r * S;
-        T* __restrict yr = y + r * S;
-        if (stream) {
-          stream_row(yr, S, [&](int64_t i) {
-            return (vload(xr + i) - mm) * kk + bb;
-          });
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) {
-            yr[i] = store<T>((load(xr[i]) - mm) * kk + bb);
-          }
-        }
-      }
-      if (stream) _mm_sfence();
+    elementwise_pass(s, y, x, nullptr, pf, [&](int64_t r) {
+      const int64_t c = r % C;
+      const A mm = A(mean[c]), kk = A(a[c]);
+      const A bb = offset ? A(offset[c]) : A(0);
+      const T* xr = x + r * S;
+      return row_writer(
+          [=](int64_t i) { return (vload(xr + i) - mm) * kk + bb; },
+          [=](int64_t i) { return (load(xr[i]) - mm) * kk + bb; });
     });
   }
 }
@@ -812,60 +822,33 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   if (!p.dx) return Status::Ok();
   T* dx = static_cast<T*>(p.dx);
   if (s.inner == 1) {
-    const int64_t rows_per = std::max<int64_t>(1, kBlockElems / C);
-    const int64_t blocks = (s.outer + rows_per - 1) / rows_per;
-    const bool stream = streamable(dx, C, s.size(), x, dy);
-    pf(blocks, rows_per * C * sizeof(T), [&](int64_t b0, int64_t b1) {
-      const A* __restrict kd = k_dy.data();
-      const A* __restrict kx = k_x.data();
-      const A* __restrict k0 = k_0.data();
-      const A* __restrict mm = m.data();
-      const int64_t r1 = std::min(s.outer, b1 * rows_per);
-      if (stream) {
-        for (int64_t r = b0 * rows_per; r < r1; ++r) {
-          const T* __restrict xr = x + r * C;
-          const T* __restrict dr = dy + r * C;
-          stream_row(dx + r * C, C, [&](int64_t c) {
+    const A* kd = k_dy.data();
+    const A* kx = k_x.data();
+    const A* k0 = k_0.data();
+    const A* mm = m.data();
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const T* xr = x + r * C;
+      const T* dr = dy + r * C;
+      return row_writer(
+          [=](int64_t c) {
             return vload_acc<V>(kd + c) * vload(dr + c) +
                    vload_acc<V>(kx + c) * (vload(xr + c) - vload_acc<V>(mm + c)) +
                    vload_acc<V>(k0 + c);
+          },
+          [=](int64_t c) {
+            return kd[c] * load(dr[c]) + kx[c] * (load(xr[c]) - mm[c]) + k0[c];
           });
-        }
-        _mm_sfence();
-        return;
-      }
-      for (int64_t r = b0 * rows_per; r < r1; ++r) {
-        const T* __restrict xr = x + r * C;
-        const T* __restrict dr = dy + r * C;
-        T* __restrict out = dx + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          out[c] = store<T>(kd[c] * load(dr[c]) +
-                            kx[c] * (load(xr[c]) - mm[c]) + k0[c]);
-        }
-      }
     });
   } else {
     const int64_t S = s.inner;
-    const bool stream = streamable(dx, S, s.size(), x, dy);
-    pf(s.outer * C, S * sizeof(T), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
-        const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
-        const T* __restrict xr = x + r * S;
-        const T* __restrict dr = dy + r * S;
-        T* __restrict out = dx + r * S;
-        if (stream) {
-          stream_row(out, S, [&](int64_t i) {
-            return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0;
-          });
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) {
-            out[i] = store<T>(kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0);
-          }
-        }
-      }
-      if (stream) _mm_sfence();
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const int64_t c = r % C;
+      const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
+      const T* xr = x + r * S;
+      const T* dr = dy + r * S;
+      return row_writer(
+          [=](int64_t i) { return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0; },
+          [=](int64_t i) { return kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0; });
     });
   }
   return Status::Ok();
