@@ -114,9 +114,9 @@ class NumpyBuffers:
     def put(self, a, offset=0, dtype=None):
         """A copy of NumPy array `a` (as `dtype`, a name) starting `offset`
         elements into a 64-byte aligned buffer (as TensorFlow's are)."""
-        if dtype is not None:
-            a = np.asarray(a).astype(np_dtype_or_skip(dtype))
         a = np.asarray(a)
+        if dtype is not None:
+            a = a.astype(np_dtype_or_skip(dtype))
         pad = 64 // a.itemsize
         flat = np.empty(a.size + offset + pad, a.dtype)
         start = (-flat.ctypes.data % 64) // a.itemsize + offset
