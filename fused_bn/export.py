@@ -12,6 +12,7 @@ import inspect
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.saving import serialization_lib
 
 from .layers import BatchNormalization
 
@@ -220,12 +221,12 @@ class _Stripper:
                     folded.add(id(bn))
         layers = []
         for i, layer in enumerate(originals):
+            if i + 1 < len(originals) and id(originals[i + 1]) in folded:
+                continue  # the next batch norm is folded into it
             if id(layer) in folded:
-                layers[-1] = self._folded(originals[i - 1], layer)
+                layers.append(self._folded(originals[i - 1], layer))
             elif isinstance(layer, BatchNormalization):
                 layers.append(self._bn(layer))
-            elif i + 1 < len(originals) and id(originals[i + 1]) in folded:
-                layers.append(None)
             else:
                 layers.append(self.layer(layer))
             if (isinstance(layer, BatchNormalization)
@@ -250,7 +251,7 @@ class _Stripper:
                 if id(layer) not in self.clones:
                     self.clones[id(layer)] = self._folded(layer, bn)
                 return self.clones[id(layer)](*args, **kwargs)
-            return self.layer(layer)(*args, **kwargs)
+            return self.layer(layer, args, kwargs)(*args, **kwargs)
 
         inputs = keras.tree.map_structure(
             lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype,
@@ -268,11 +269,12 @@ class _Stripper:
             if not isinstance(bn, BatchNormalization) \
                     or len(bn._inbound_nodes) != 1:
                 continue
-            args = bn._inbound_nodes[0].arguments.args
-            x = args[0] if args else None
+            node = bn._inbound_nodes[0]
+            x = node.arguments.args[0] if node.arguments.args else None
             history = getattr(x, "_keras_history", None)
-            if history is None or id(x) in outputs:
-                continue
+            if (history is None or id(x) in outputs
+                    or sum(t is x for t in node.input_tensors) != 1):
+                continue  # e.g. also the side input: it must stay unfolded
             source = history[0]
             if (self._single_use(source, bn)
                     and _foldable(source, bn, len(x.shape))):
@@ -287,34 +289,30 @@ class _Stripper:
                 and source._outbound_nodes[0].operation is bn)
 
     def _subclassed(self, model):
-        clone = self._rebuilt(model)
-        specs = _input_specs(model)
-        try:
-            clone(*[keras.KerasTensor(s.shape, s.dtype.name) for s in specs])
-        except TypeError as e:
-            if "side_input" not in str(e):
-                raise
-            swapped = sorted(l.name for l in model._flatten_layers()
-                             if isinstance(l, BatchNormalization))
-            raise ValueError(
-                f"model {model.name!r} calls one of its fused_bn layers "
-                f"({', '.join(swapped)}) with side_input: in a subclassed "
-                "model strip swaps each for a stock batch norm, which takes "
-                "no side input. Build the model as a Functional model (strip "
-                "turns side_input into an Add there), or add the side input "
-                "and apply the ReLU in the model's call()") from e
+        args = [keras.KerasTensor(spec.shape, spec.dtype.name)
+                for spec in _input_specs(model)]
+        clone = self._rebuilt(model, args, {})
+        clone(*args)  # builds the stock layers swapped in
         return clone
 
     # Layers -----------------------------------------------------------------
 
-    def layer(self, layer):
-        """The replacement for a layer that is not a fused_bn layer."""
+    def layer(self, layer, args=None, kwargs=None):
+        """The replacement for a layer that is not a fused_bn layer.
+
+        `args`, `kwargs`: what it is called with (KerasTensors), needed to
+        rebuild a custom layer owning fused_bn layers; by default those of
+        its first call in the original model.
+        """
         if id(layer) in self.clones:
             return self.clones[id(layer)]
         if _is_graph_model(layer):
             clone = self.model(layer)
         elif _has_fused_bn(layer):
-            clone = self._rebuilt(layer)
+            if args is None:
+                arguments = layer._inbound_nodes[0].arguments
+                args, kwargs = arguments.args, arguments.kwargs
+            clone = self._rebuilt(layer, args, kwargs)
         else:
             clone = self._from_config(layer)
             self.copies.append(lambda: clone.set_weights(layer.get_weights()))
@@ -351,43 +349,55 @@ class _Stripper:
         return y
 
     def _from_config(self, layer):
+        # The config comes from this process's own layer, not from a file:
+        # a Lambda's Python function may be rebuilt from it.
         try:
-            return type(layer).from_config(layer.get_config())
+            with serialization_lib.SafeModeScope(False):
+                return type(layer).from_config(layer.get_config())
         except Exception as e:
             raise ValueError(
                 f"layer {layer.name!r} ({type(layer).__name__}) cannot be "
                 f"rebuilt from its get_config() for strip: {e}. Give it a "
                 "get_config() that returns its constructor arguments") from e
 
-    def _rebuilt(self, layer):
+    def _rebuilt(self, layer, args, kwargs):
         """A copy of a custom layer or subclassed model, fused_bn swapped out.
 
-        The copy comes from `get_config()`; its sublayers are matched to the
-        original's in tracking order (the order `__init__` assigns them).
+        The copy comes from `get_config()` and is built by tracing it on
+        `args`, `kwargs` (recording which of its fused_bn layers get a side
+        input); then its sublayers are matched to the original's in tracking
+        order and each fused_bn layer is swapped for a stock one. The caller
+        calls the copy again, which builds the stock layers.
         """
         clone = self._from_config(layer)
-        self._swap_tree(layer, clone)
+        with_side_input = _trace(clone, args, kwargs)
+        self._swap_tree(layer, clone, with_side_input)
         return clone
 
-    def _swap_tree(self, original, clone):
+    def _swap_tree(self, original, clone, with_side_input):
         self.copies.append(lambda: _copy_own_variables(original, clone))
         subs, clone_subs = list(original._layers), list(clone._layers)
         if [type(s) for s in subs] != [type(s) for s in clone_subs]:
-            missing = [s.name for s in subs if isinstance(s, BatchNormalization)]
             raise ValueError(
                 f"layer {original.name!r} ({type(original).__name__}) cannot "
-                "be stripped: rebuilt from its get_config(), it does not "
-                "create the same sublayers in __init__ "
+                "be stripped: rebuilt from its get_config() and called, it "
+                "does not have the same sublayers "
                 f"({[type(s).__name__ for s in subs]} != "
-                f"{[type(s).__name__ for s in clone_subs]}); fused_bn layers "
-                f"{missing} must be created in __init__ to be swapped")
+                f"{[type(s).__name__ for s in clone_subs]})")
         for sub, clone_sub in zip(subs, clone_subs):
             if isinstance(sub, BatchNormalization):
+                if id(clone_sub) in with_side_input:
+                    raise ValueError(
+                        f"layer {original.name!r} calls its fused_bn layer "
+                        f"{sub.name!r} with side_input: strip swaps it for a "
+                        "stock batch norm, which takes no side input. Build "
+                        "the model as a Functional model (strip adds an Add "
+                        "layer there), or add the side input in call()")
                 _swap(clone, clone_sub, self._swapped_bn(sub))
             elif _is_graph_model(sub) and _has_fused_bn(sub):
                 _swap(clone, clone_sub, self.layer(sub))
             elif _has_fused_bn(sub):
-                self._swap_tree(sub, clone_sub)
+                self._swap_tree(sub, clone_sub, with_side_input)
             else:
                 self.copies.append(
                     lambda c=clone_sub, s=sub: c.set_weights(s.get_weights()))
@@ -403,6 +413,35 @@ class _Stripper:
                 [stock, keras.layers.ReLU(dtype=bn.dtype_policy)],
                 name=self._unique(f"{bn.name}_relu"))
         return self.clones[key]
+
+
+def _trace(layer, args, kwargs):
+    """Builds `layer` by a symbolic call; ids of its fused_bn layers that got
+    a side input (traced again if building created more of them)."""
+    with_side_input, hooked = set(), []
+
+    def recording(bn, call):
+        def call_and_record(*a, **k):
+            bound = inspect.signature(call).bind(*a, **k).arguments
+            if bound.get("side_input") is not None:
+                with_side_input.add(id(bn))
+            return call(*a, **k)
+        return call_and_record
+
+    try:
+        while True:
+            new = [l for l in layer._flatten_layers()
+                   if isinstance(l, BatchNormalization)
+                   and not any(l is h for h in hooked)]
+            if hooked and not new:
+                return with_side_input
+            for bn in new:
+                bn.call = recording(bn, bn.call)
+                hooked.append(bn)
+            keras.src.backend.compute_output_spec(layer, *args, **kwargs)
+    finally:
+        for bn in hooked:
+            del bn.call
 
 
 def _copy_own_variables(original, clone):

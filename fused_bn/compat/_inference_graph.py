@@ -83,6 +83,7 @@ def inference_graph_def(sess, output_node_names):
     # marked deprecated for TF2 users.
     with deprecation.silence():
         graph_def = extract_sub_graph(graph.as_graph_def(), output_node_names)
+        _check_functions(graph_def)
         graph_def = _replace_fused_ops(graph_def, graph)
         frozen = convert_to_constants.convert_variables_to_constants_from_session_graph(
             sess, graph_def, output_node_names)
@@ -338,18 +339,23 @@ _REPLACEMENTS = {
 }
 
 
-def _prune_library(graph_def):
-    """Keeps the functions the nodes call; a fused_bn op in one is an error."""
+def _used_functions(graph_def):
+    """{name: FunctionDef} of the library functions the nodes call."""
     functions = {f.signature.name: f for f in graph_def.library.function}
-    used, pending = set(), [n for n in graph_def.node]
+    used, pending = {}, list(graph_def.node)
     while pending:
         node = pending.pop()
         for name in _called_functions(node):
             if name in functions and name not in used:
-                used.add(name)
+                used[name] = functions[name]
                 pending.extend(functions[name].node_def)
-    for name in sorted(used):
-        for node in functions[name].node_def:
+    return used
+
+
+def _check_functions(graph_def):
+    """A fused_bn op inside a called function cannot be replaced: an error."""
+    for name, function in sorted(_used_functions(graph_def).items()):
+        for node in function.node_def:
             if node.op.startswith(_PREFIX):
                 raise ValueError(
                     f"node {node.name!r} ({node.op}) is inside function "
@@ -357,10 +363,15 @@ def _prune_library(graph_def):
                     "inference_graph_def replaces fused_bn ops in the "
                     "session's graph only; build the graph without "
                     "wrapping them in functions")
+
+
+def _prune_library(graph_def):
+    """graph_def without the library functions its nodes do not call."""
+    used = _used_functions(graph_def)
     out = graph_pb2.GraphDef()
     out.CopyFrom(graph_def)
     del out.library.function[:]
-    out.library.function.extend(functions[n] for n in sorted(used))
+    out.library.function.extend(used[n] for n in sorted(used))
     kept = [g for g in graph_def.library.gradient if g.function_name in used]
     del out.library.gradient[:]
     out.library.gradient.extend(kept)
