@@ -58,10 +58,10 @@ def strip(model, fold=False):
 
     Raises:
       TypeError: `model` is not a Keras model or `fold` not a bool.
-      ValueError: `model` is not built, or a layer cannot be stripped (it
-        calls a fused_bn op itself, cannot be rebuilt from its config, or
-        creates its fused_bn layers outside `__init__`); the message names
-        the layer.
+      ValueError: `model` is not built (or, subclassed, never called), or a
+        layer cannot be stripped: it calls a fused_bn op itself, cannot be
+        rebuilt from its config, or (subclassed model, custom layer) calls a
+        fused_bn layer with `side_input`. The message names the layer.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
@@ -458,16 +458,18 @@ _INTERNAL = ("_layers", "_tracker", "_self_")
 
 def _swap(parent, old, new):
     """Replaces sublayer `old` of `parent` by `new` wherever parent holds it."""
-    found = False
-    for name, value in list(vars(parent).items()):
-        if name.startswith(_INTERNAL):
-            continue
-        replaced = _replace_in(value, old, new)
-        if replaced is not None:
-            found = True
-            parent._tracker.replace_tracked_value("layers", old, new)
-            setattr(parent, name, replaced)
-    if not found:
+    holders = {}
+    for name, value in vars(parent).items():
+        if not name.startswith(_INTERNAL):
+            replaced = _replace_in(value, old, new)
+            if replaced is not None:
+                holders[name] = replaced
+    if holders:
+        # Keeps the sublayer order (and so the weight order) of `parent`.
+        parent._tracker.replace_tracked_value("layers", old, new)
+    for name, replaced in holders.items():
+        setattr(parent, name, replaced)
+    if not holders:
         raise ValueError(
             f"layer {parent.name!r}: its fused_bn sublayer {old.name!r} is "
             "not held in an attribute (or a list, tuple or dict attribute), "
