@@ -9,9 +9,10 @@ moving statistics in place: no UPDATE_OPS, no control dependencies.
 from ._loader import build_info
 from .ops import batch_norm, moments, normalize, update_moving_stats
 from . import compat
+from . import export
 from .layers import BatchNormalization
 
 __version__ = "0.1.0"
 
 __all__ = ["batch_norm", "moments", "normalize", "update_moving_stats",
-           "build_info", "compat", "BatchNormalization"]
+           "build_info", "compat", "export", "BatchNormalization"]

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
+from keras.src.backend import in_stateless_scope
 
 from . import reference
 from .ops import batch_norm
@@ -159,7 +160,11 @@ class BatchNormalization(keras.layers.Layer):
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
-        fn = reference.batch_norm if reference.in_xla_context() else batch_norm
+        # Keras traces call() in a stateless scope to infer shapes (e.g. a
+        # subclassed model's first call): variables have no buffers there.
+        fn = (reference.batch_norm
+              if reference.in_xla_context() or in_stateless_scope()
+              else batch_norm)
         return fn(
             x, training, self.gamma, self.beta, self.moving_mean,
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,

@@ -2,8 +2,9 @@
 import tensorflow as tf
 
 from ..ops import _check_x, _channels, _data_format, _stat_dtype, batch_norm as _batch_norm
+from ._inference_graph import inference_graph_def
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "inference_graph_def"]
 
 _v1 = tf.compat.v1
 
