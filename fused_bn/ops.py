@@ -497,11 +497,22 @@ def _backward_vjp(dy, x, scale, mean, inv_std, training, data_format,
       doffset = sum(dy), dscale = sum(dy * x_hat),
       dx = k * (dy - doffset / count - x_hat * dscale / count)  (training),
       dx = k * dy                                              (inference).
-    Given the cotangents g_dx (x's shape), g_dscale, g_doffset ([C]; any may
-    be None), returns the cotangents of (dy, x, scale, mean, inv_std), mean
-    and inv_std taken as independent inputs; dy's and x's in x's dtype,
-    computed in scale's dtype (float32 for half x).
+    Given the cotangents g_dx (x's shape), g_dscale, g_doffset ([C]; None or
+    zeros when unused), returns the cotangents of (dy, x, scale, mean,
+    inv_std), mean and inv_std taken as independent inputs:
+      d_dy = k * g_dx + c2 * x_hat + b,  d_x = inv_std * (c1 * g_dx + c2 * dy)
+    with per-channel c1, c2, b; the per-channel cotangents come from five
+    channel sums. dy's and x's are in x's dtype, computed in scale's dtype
+    (float32 for half x).
     """
+    g_dx, g_dscale, g_doffset = (None if _is_zero(g) else g
+                                 for g in (g_dx, g_dscale, g_doffset))
+    if g_dx is None and g_dscale is None:
+        if g_doffset is None:
+            return None, None, None, None, None
+        d_dy = tf.zeros_like(dy) + tf.cast(
+            _broadcast_stat(g_doffset, x, data_format), dy.dtype)
+        return d_dy, None, None, None, None
     u = scale.dtype
     axes = _reduce_axes(x, data_format)
 
@@ -510,46 +521,42 @@ def _backward_vjp(dy, x, scale, mean, inv_std, training, data_format,
 
     dyu = tf.cast(dy, u)
     centered = tf.cast(x, u) - per_channel(mean)
-    x_hat = centered * per_channel(inv_std)
     count = _count(x, mean)
-    d_dy = d_x_hat = d_scale = d_inv_std = None
-
-    def add(total, term):
-        return term if total is None else total + term
-
-    if g_dx is not None:
+    k = scale * inv_std
+    zeros = tf.zeros_like(scale)
+    g_dscale = zeros if g_dscale is None else g_dscale
+    g_doffset = zeros if g_doffset is None else g_doffset
+    sum_dy = tf.reduce_sum(dyu, axes)
+    sum_dy_c = tf.reduce_sum(dyu * centered, axes)
+    # Training: dx subtracts the means of dy and dy * x_hat (zero otherwise).
+    mean_dy, mean_dy_x_hat = _batch_terms(
+        training, sum_dy / count, inv_std * sum_dy_c / count)
+    if g_dx is None:
+        sum_g = sum_g_c = d_k = c1 = zeros
+        c2, b = g_dscale, g_doffset
+    else:
         gx = tf.cast(g_dx, u)
-        k = scale * inv_std
-        mean_dy, mean_dy_x_hat, mean_gx, mean_gx_x_hat = _batch_terms(
-            training, tf.reduce_sum(dyu, axes) / count,
-            tf.reduce_sum(dyu * x_hat, axes) / count,
-            tf.reduce_sum(gx, axes) / count,
-            tf.reduce_sum(gx * x_hat, axes) / count)
-        d_dy = per_channel(k) * (gx - per_channel(mean_gx)
-                                 - x_hat * per_channel(mean_gx_x_hat))
-        d_x_hat = -per_channel(k) * (gx * per_channel(mean_dy_x_hat)
-                                     + dyu * per_channel(mean_gx_x_hat))
-        # dL/dk = sum(g_dx * dx / k).
-        d_k = (tf.reduce_sum(gx * dyu, axes) - count * (
-            mean_gx * mean_dy + mean_gx_x_hat * mean_dy_x_hat))
-        d_scale = d_k * inv_std
-        d_inv_std = d_k * scale
-    if g_dscale is not None:
-        d_dy = add(d_dy, x_hat * per_channel(g_dscale))
-        d_x_hat = add(d_x_hat, dyu * per_channel(g_dscale))
-    if g_doffset is not None:
-        d_dy = (tf.zeros_like(dyu) if d_dy is None else d_dy) + per_channel(
-            g_doffset)
-    d_x = d_mean = None
-    if d_x_hat is not None:
-        d_x = d_x_hat * per_channel(inv_std)
-        d_mean = -inv_std * tf.reduce_sum(d_x_hat, axes)
-        d_inv_std = add(d_inv_std, tf.reduce_sum(d_x_hat * centered, axes))
-    if d_dy is not None:
-        d_dy = tf.cast(d_dy, dy.dtype)
-    if d_x is not None:
-        d_x = tf.cast(d_x, x.dtype)
-    return d_dy, d_x, d_scale, d_mean, d_inv_std
+        sum_g = tf.reduce_sum(gx, axes)
+        sum_g_c = tf.reduce_sum(gx * centered, axes)
+        mean_g, mean_g_x_hat = _batch_terms(
+            training, sum_g / count, inv_std * sum_g_c / count)
+        # dL/dk = sum(g_dx * dx) / k
+        d_k = tf.reduce_sum(gx * dyu, axes) - count * (
+            mean_g * mean_dy + mean_g_x_hat * mean_dy_x_hat)
+        c1 = -k * mean_dy_x_hat
+        c2 = g_dscale - k * mean_g_x_hat
+        b = g_doffset - k * mean_g
+    d_dy = per_channel(c2 * inv_std) * centered + per_channel(b)
+    d_x = per_channel(c2 * inv_std) * dyu
+    if g_dx is not None:
+        d_dy += per_channel(k) * gx
+        d_x += per_channel(c1 * inv_std) * gx
+    # d_x_hat = c1 * g_dx + c2 * dy, summed (and times x - mean) per channel.
+    d_mean = -inv_std * (c1 * sum_g + c2 * sum_dy)
+    d_inv_std = scale * d_k + c1 * sum_g_c + c2 * sum_dy_c
+    d_scale = inv_std * d_k
+    return (tf.cast(d_dy, dy.dtype), tf.cast(d_x, x.dtype), d_scale, d_mean,
+            d_inv_std)
 
 
 @tf.RegisterGradient("FusedBn>ForwardGrad")
