@@ -396,6 +396,8 @@ def _is_zero(t):
     if tf.is_symbolic_tensor(t):
         if t.op.type == "ZerosLike":
             return True
+        if t.op.type == "Fill":
+            t = t.op.inputs[1]  # the fill value: no array of the full shape
         value = tf.get_static_value(t)
         return value is not None and not np.any(value)
     return not np.any(t.numpy())

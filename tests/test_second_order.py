@@ -378,6 +378,37 @@ def test_tf_nn_moments_second_derivative_is_wrong():
     _assert_close([h_ours], [h_ref], 1e-10, "hvp")
 
 
+def test_tf1_graph_gradient_penalty():
+    """tf.gradients of tf.gradients in a TF1 graph, through
+    fused_bn.compat.v1.batch_norm with a placeholder training flag."""
+    rng = np.random.default_rng(22)
+    x_value = rng.normal(0, 1, (6, 2, 3)).astype("float32")
+    w_value = rng.normal(0, 1, (3, 3)).astype("float32")
+    results = {}
+    for impl in ("fused", "composite"):
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 2, 3])
+            training = tf.compat.v1.placeholder(tf.bool, [])
+            w = tf.compat.v1.get_variable("w", initializer=w_value)
+            h = tf.einsum("abc,cd->abd", x, w)
+            if impl == "fused":
+                y = fused_bn.compat.v1.batch_norm(h, training, scope="bn", warmup=False,
+                                                  momentum=1.0, epsilon=EPS)
+            else:
+                y = tf.cond(training, lambda: _composite(h, True, tf.ones([3]), tf.zeros([3]),
+                                                          None, None, -1),
+                            lambda: _composite(h, False, tf.ones([3]), tf.zeros([3]),
+                                               tf.zeros([3]), tf.ones([3]), -1))
+            (gx,) = tf.compat.v1.gradients(tf.reduce_sum(tf.tanh(y) * h), [x])
+            (gw,) = tf.compat.v1.gradients(tf.reduce_sum(tf.square(gx)), [w])
+            with tf.compat.v1.Session(graph=graph) as sess:
+                sess.run(tf.compat.v1.global_variables_initializer())
+                results[impl] = [sess.run(gw, {x: x_value, training: t}) for t in (True, False)]
+    for ours, theirs in zip(results["fused"], results["composite"]):
+        assert _rel_err(ours, theirs) < 1e-5
+
+
 def test_first_order_gradient_stays_one_fused_op():
     """The saved statistics' cotangents are zero in a first-order gradient:
     nothing but the two fused ops touches an x-shaped tensor."""
