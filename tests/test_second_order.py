@@ -162,7 +162,7 @@ HVP_CASES = [(shape, axis, mode)
              for (shape, axis) in [((4, 3, 5), -1), ((4, 3, 5), 1),
                                    ((2, 3, 2, 5), 1), ((5, 2), -1)]
              for mode in ["double_tape", "forward_over_backward"]
-             if mode == "double_tape" or len(shape) == 3]
+             if mode == "double_tape" or (shape, axis) == ((4, 3, 5), 1)]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
@@ -265,8 +265,7 @@ def _assert_numerical(jacobians):
         assert np.abs(num).max() > 0.1
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("axis,training", [(-1, True), (1, True), (-1, False)])
 def test_numerical_second_derivative_float64(axis, training):
     """The first-order gradient (dx, dscale, doffset) is differentiated
     numerically by tf.test.compute_gradient."""
