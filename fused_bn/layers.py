@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
+from keras.src.backend import in_stateless_scope
 
 from . import reference
 from .ops import _check_training, batch_norm, normalize, update_moving_stats
@@ -181,8 +182,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def _masked_call(self, x, training, mask):
         """Training (or a bool tensor) with a mask: statistics over the
-        unmasked positions, every position normalized."""
-        if reference.in_xla_context():
+        unmasked positions, every position normalized. Under XLA, and in
+        the stateless scope where Keras traces call() to infer shapes (the
+        variables have no buffers there), the pure-TF reference."""
+        if reference.in_xla_context() or in_stateless_scope():
             return reference.batch_norm(
                 x, training, self.gamma, self.beta, self.moving_mean,
                 self.moving_variance, momentum=self.momentum,

@@ -305,6 +305,20 @@ def test_xla_with_a_mask_matches_the_fused_path():
     assert int(xla.num_updates.numpy()) == int(plain.num_updates.numpy()) == 4
 
 
+def test_stateless_scope_with_a_mask():
+    """Keras traces call() in a StatelessScope (e.g. a subclassed model's
+    first call): the masked path runs there and only records its updates."""
+    layer = fused_bn.BatchNormalization(momentum=0.5)
+    x, mask = _data((6, 5, 4), 85)
+    layer(x)
+    with keras.StatelessScope() as scope:
+        y = layer(x, training=True, mask=mask)
+    mean, var, _ = _numpy_moments(x, mask, -1)
+    _close(y, _numpy_bn(x, mean, var, np.ones(4), np.zeros(4), -1))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+    _close(scope.get_current_value(layer.moving_mean), mean)  # warm-up: t = 0
+
+
 def test_training_as_a_bool_tensor_with_a_mask():
     ours, theirs = _pair()
     x, mask = _data((6, 5, 4), 90)
