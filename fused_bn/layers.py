@@ -6,7 +6,7 @@ from keras import constraints, initializers, regularizers
 from keras.src.backend import in_stateless_scope
 
 from . import reference
-from .ops import batch_norm
+from .ops import _check_training, batch_norm, normalize, update_moving_stats
 
 __all__ = ["BatchNormalization"]
 
@@ -34,8 +34,20 @@ class BatchNormalization(keras.layers.Layer):
     `trainable=False` runs in inference mode, as Keras' layer does.
 
     `axis` is the channel axis and must be the last or the second axis
-    (channels-last or channels-first) of an input of rank 2 to 5. Masks,
+    (channels-last or channels-first) of an input of rank 2 to 5.
     `synchronized=True` and `renorm=True` are not supported.
+
+    Masks (`mask=`, or the mask Keras attaches, e.g. after `Masking` or
+    `Embedding(mask_zero=True)`) work as in Keras: the shape of the inputs
+    without the last axis; in training, the batch statistics are over the
+    unmasked positions only and the moving statistics are updated with
+    them (the Bessel factor with the unmasked count); every position is
+    normalized; inference ignores the mask; the mask is passed on to the
+    next layer. A training batch with fewer than 2 unmasked values in a
+    channel (e.g. all padding) leaves the moving statistics and counter
+    unchanged (Keras would pull them towards mean 0 and variance 0). The
+    masked path runs the moments as TF ops and normalizes with
+    `fused_bn.normalize`; without a mask it is the one fused op.
 
     XLA: the custom op cannot be compiled by XLA, so the layer declares
     `supports_jit = False` (Keras then compiles the model without XLA). Inside
@@ -87,6 +99,7 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_jit = False
+        self.supports_masking = True
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -153,13 +166,13 @@ class BatchNormalization(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None:
-            raise NotImplementedError(
-                "fused_bn.BatchNormalization does not support masks; use "
-                "keras.layers.BatchNormalization for masked inputs")
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
+        if mask is not None:
+            mask = reference.check_mask(mask, x)
+            if training is not False:
+                return self._masked_call(x, training, mask)
         # Keras traces call() in a stateless scope to infer shapes (e.g. a
         # subclassed model's first call): variables have no buffers there.
         fn = (reference.batch_norm
@@ -169,6 +182,54 @@ class BatchNormalization(keras.layers.Layer):
             x, training, self.gamma, self.beta, self.moving_mean,
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
             axis=self._axis, unbiased_variance=self.unbiased_variance,
+            num_updates=self.num_updates if self.warmup else None)
+
+    def _masked_call(self, x, training, mask):
+        """Training (or a bool tensor) with a mask: statistics over the
+        unmasked positions, every position normalized. Under XLA, and in
+        the stateless scope where Keras traces call() to infer shapes (the
+        variables have no buffers there), the pure-TF reference."""
+        if reference.in_xla_context() or in_stateless_scope():
+            return reference.batch_norm(
+                x, training, self.gamma, self.beta, self.moving_mean,
+                self.moving_variance, momentum=self.momentum,
+                epsilon=self.epsilon, axis=self._axis,
+                unbiased_variance=self.unbiased_variance,
+                num_updates=self.num_updates if self.warmup else None,
+                mask=mask)
+        training, training_value = _check_training(training)
+
+        def batch_stats():
+            mean, variance, count = reference.masked_moments(x, mask, self._axis)
+            tf.cond(tf.reduce_min(count) >= 2,
+                    lambda: self._update_masked(mean, variance, count),
+                    lambda: None)
+            return mean, variance
+
+        def moving_stats():
+            return (tf.convert_to_tensor(self.moving_mean),
+                    tf.convert_to_tensor(self.moving_variance))
+
+        if training_value is None:
+            mean, variance = tf.cond(training, batch_stats, moving_stats)
+        else:
+            mean, variance = batch_stats() if training_value else moving_stats()
+        return normalize(x, mean, variance, self.gamma, self.beta,
+                         self.epsilon, axis=self._axis)
+
+    def _update_masked(self, mean, variance, count):
+        """The moving update with masked statistics; count: [C] int64, >= 2."""
+        unbiased = self.unbiased_variance
+        if self._axis == 1:
+            # Channels-first masks include the channel axis: a count per
+            # channel, so the Bessel factor is applied here.
+            if unbiased:
+                n = tf.cast(count, variance.dtype)
+                variance = variance * n / (n - 1)
+            unbiased = False
+        update_moving_stats(
+            self.moving_mean, self.moving_variance, mean, variance,
+            tf.reduce_min(count), self.momentum, unbiased_variance=unbiased,
             num_updates=self.num_updates if self.warmup else None)
 
     def get_config(self):

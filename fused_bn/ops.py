@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
 
 from ._loader import ops as _ops
 
@@ -310,14 +311,21 @@ def _broadcast_stat(v, x, data_format):
 
 
 @tf.RegisterGradient("FusedBn>Forward")
-def _forward_grad(op, dy, _dmean, _dinv):
+def _forward_grad(op, dy, dmean, dinv_std):
     x, scale = op.inputs[0], op.inputs[1]
     saved_mean, saved_inv_std = op.outputs[1], op.outputs[2]
+    training = _named_input(op, "training")
+    data_format = _format_attr(op)
     dx, dscale, doffset = _ops.fused_bn_forward_grad(
         dy=dy, x=x, scale=scale, saved_mean=saved_mean,
-        saved_inv_std=saved_inv_std, training=op.inputs[-1],
-        data_format=op.get_attr("data_format"))
-    return [dx, dscale, doffset] + [None] * (len(op.inputs) - 3)
+        saved_inv_std=saved_inv_std, training=training,
+        data_format=data_format)
+    dx = _add_saved_stats_grad(dx, x, saved_mean, saved_inv_std, training,
+                               dmean, dinv_std, data_format)
+    grads = [dx, dscale, doffset] + [None] * (len(op.inputs) - 3)
+    for index, grad in _variable_grads(op, saved_inv_std, dscale, doffset).items():
+        grads[index] = grad
+    return grads
 
 
 @tf.RegisterGradient("FusedBn>Normalize")
@@ -337,7 +345,7 @@ def _normalize_grad(op, dy):
 def _moments_grad(op, dmean, dvariance):
     x = op.inputs[0]
     mean = op.outputs[0]
-    data_format = op.get_attr("data_format")
+    data_format = _format_attr(op)
     u = mean.dtype
     count = tf.cast(tf.size(x, out_type=tf.int64), u) / tf.cast(tf.size(mean), u)
     xu = tf.cast(x, u)
@@ -351,4 +359,212 @@ def _moments_grad(op, dmean, dvariance):
 
 
 tf.no_gradient("FusedBn>UpdateMovingStats")
-tf.no_gradient("FusedBn>ForwardGrad")
+
+
+# Second order. The backward op's own gradient (below) treats saved_mean and
+# saved_inv_std as inputs in their own right; in training mode they are x's
+# batch statistics, so the Forward gradient sends their cotangents back to x
+# (_add_saved_stats_grad). Both are plain TF ops, differentiable again.
+
+def _reduce_axes(x, data_format):
+    """The axes of x that are reduced per channel (all but the channel axis)."""
+    if x.shape.rank is None:
+        rank = tf.rank(x)
+        if data_format == "channels_last":
+            return tf.range(rank - 1)
+        return tf.concat([[0], tf.range(2, rank)], 0)
+    channel_axis = _channel_axis(x, data_format)
+    return [a for a in range(x.shape.rank) if a != channel_axis]
+
+
+def _count(x, stat):
+    """Values per channel of x, as a scalar of stat's dtype."""
+    return (tf.cast(tf.size(x, out_type=tf.int64), stat.dtype)
+            / tf.cast(tf.size(stat), stat.dtype))
+
+
+def _is_zero(t):
+    """Whether a cotangent is None or all zeros.
+
+    TF hands a gradient function zeros (an eager tensor, or a Const, Fill or
+    ZerosLike in a graph) for outputs nothing was differentiated through:
+    the saved statistics in every first-order gradient. Skipping them keeps
+    the first-order backward one fused op.
+    """
+    if t is None:
+        return True
+    if tf.is_symbolic_tensor(t):
+        if t.op.type == "ZerosLike":
+            return True
+        if t.op.type == "Fill":
+            t = t.op.inputs[1]  # the fill value: no array of the full shape
+        value = tf.get_static_value(t)
+        return value is not None and not np.any(value)
+    return not np.any(t.numpy())
+
+
+def _batch_terms(training, *terms, mode=True):
+    """terms where training == mode, else zeros (training: a bool tensor)."""
+    value = tf.get_static_value(training)
+    if value is not None:
+        return terms if bool(value) == mode else tuple(tf.zeros_like(t) for t in terms)
+    if mode:
+        return tuple(tf.where(training, t, tf.zeros_like(t)) for t in terms)
+    return tuple(tf.where(training, tf.zeros_like(t), t) for t in terms)
+
+
+def _add_saved_stats_grad(dx, x, mean, inv_std, training, dmean, dinv_std,
+                          data_format):
+    """dx plus the gradient through Forward's saved_mean and saved_inv_std.
+
+    Training: mean = E[x] and inv_std = (Var[x] + eps)^-1/2 over each channel,
+    so d/dx = dmean / count - dinv_std * inv_std^3 * (x - mean) / count.
+    Inference: they are the moving statistics, constant in x.
+    """
+    inference = tf.get_static_value(training) is not None and \
+        not tf.get_static_value(training)
+    if inference or (_is_zero(dmean) and _is_zero(dinv_std)):
+        return dx
+    u = mean.dtype
+    dmean = tf.zeros_like(mean) if dmean is None else dmean
+    dinv_std = tf.zeros_like(inv_std) if dinv_std is None else dinv_std
+    count = _count(x, mean)
+    a, b = _batch_terms(training, dmean / count,
+                        -dinv_std * inv_std * inv_std * inv_std / count)
+    centered = tf.cast(x, u) - _broadcast_stat(mean, x, data_format)
+    extra = (_broadcast_stat(a, x, data_format)
+             + centered * _broadcast_stat(b, x, data_format))
+    return tf.cast(tf.cast(dx, u) + extra, dx.dtype)
+
+
+def _format_attr(op):
+    """op's data_format attr as str (eager gradients see it as bytes)."""
+    data_format = op.get_attr("data_format")
+    return data_format.decode() if isinstance(data_format, bytes) else data_format
+
+
+def _input_indices(op, name):
+    """The positions in op.inputs of op's input (or input list) `name`."""
+    index = 0
+    for arg in op_def_registry.get(op.type).input_arg:
+        if arg.number_attr:
+            n = op.get_attr(arg.number_attr)
+        elif arg.type_list_attr:
+            n = len(op.get_attr(arg.type_list_attr))
+        else:
+            n = 1
+        if arg.name == name:
+            return range(index, index + n)
+        index += n
+    raise ValueError(f"{op.type} has no input {name!r}")
+
+
+def _named_input(op, name):
+    """The single input `name` of op."""
+    return op.inputs[_input_indices(op, name)[0]]
+
+
+def _variable_grads(op, inv_std, dscale, doffset):
+    """{input index: gradient} for Forward's resource inputs.
+
+    The moving statistics are what inference normalizes with:
+    y = scale * (x - mean) * inv_std + offset, inv_std = (var + eps)^-1/2, so
+    d mean = -scale * inv_std * doffset and d var = -scale * inv_std^2 *
+    dscale / 2; training does not read them (zero). The counter gets an
+    int64 zero: forward mode (tf.autodiff.ForwardAccumulator) transposes this
+    gradient and needs a tensor for every resource input.
+    """
+    if not op.get_attr("num_moving") and not op.get_attr("num_counters"):
+        return {}
+    scale = op.inputs[1]
+    dmean, dvariance = _batch_terms(
+        _named_input(op, "training"), -scale * inv_std * doffset,
+        -0.5 * scale * inv_std * inv_std * dscale, mode=False)
+    # Identity passes a None cotangent on as None, which the forward-mode
+    # transposition feeds here (resource inputs have no tangent).
+    grads = {i: tf.identity(dmean) for i in _input_indices(op, "moving_mean")}
+    grads.update({i: tf.identity(dvariance)
+                  for i in _input_indices(op, "moving_variance")})
+    grads.update({i: tf.zeros([], tf.int64)
+                  for i in _input_indices(op, "num_updates")})
+    return grads
+
+
+def _backward_vjp(dy, x, scale, mean, inv_std, training, data_format,
+                  g_dx, g_dscale, g_doffset):
+    """Vector-Jacobian product of the batch-norm backward.
+
+    The backward (ForwardGrad), with x_hat = (x - mean) * inv_std, k = scale
+    * inv_std and count values per channel:
+      doffset = sum(dy), dscale = sum(dy * x_hat),
+      dx = k * (dy - doffset / count - x_hat * dscale / count)  (training),
+      dx = k * dy                                              (inference).
+    Given the cotangents g_dx (x's shape), g_dscale, g_doffset ([C]; None or
+    zeros when unused), returns the cotangents of (dy, x, scale, mean,
+    inv_std), mean and inv_std taken as independent inputs:
+      d_dy = k * g_dx + c2 * x_hat + b,  d_x = inv_std * (c1 * g_dx + c2 * dy)
+    with per-channel c1, c2, b; the per-channel cotangents come from five
+    channel sums. dy's and x's are in x's dtype, computed in scale's dtype
+    (float32 for half x).
+    """
+    g_dx, g_dscale, g_doffset = (None if _is_zero(g) else g
+                                 for g in (g_dx, g_dscale, g_doffset))
+    if g_dx is None and g_dscale is None:
+        if g_doffset is None:
+            return None, None, None, None, None
+        d_dy = tf.zeros_like(dy) + tf.cast(
+            _broadcast_stat(g_doffset, x, data_format), dy.dtype)
+        return d_dy, None, None, None, None
+    u = scale.dtype
+    axes = _reduce_axes(x, data_format)
+
+    def per_channel(v):
+        return _broadcast_stat(v, x, data_format)
+
+    dyu = tf.cast(dy, u)
+    centered = tf.cast(x, u) - per_channel(mean)
+    count = _count(x, mean)
+    k = scale * inv_std
+    zeros = tf.zeros_like(scale)
+    g_dscale = zeros if g_dscale is None else g_dscale
+    g_doffset = zeros if g_doffset is None else g_doffset
+    sum_dy = tf.reduce_sum(dyu, axes)
+    sum_dy_c = tf.reduce_sum(dyu * centered, axes)
+    # Training: dx subtracts the means of dy and dy * x_hat (zero otherwise).
+    mean_dy, mean_dy_x_hat = _batch_terms(
+        training, sum_dy / count, inv_std * sum_dy_c / count)
+    if g_dx is None:
+        sum_g = sum_g_c = d_k = c1 = zeros
+        c2, b = g_dscale, g_doffset
+    else:
+        gx = tf.cast(g_dx, u)
+        sum_g = tf.reduce_sum(gx, axes)
+        sum_g_c = tf.reduce_sum(gx * centered, axes)
+        mean_g, mean_g_x_hat = _batch_terms(
+            training, sum_g / count, inv_std * sum_g_c / count)
+        # dL/dk = sum(g_dx * dx) / k
+        d_k = tf.reduce_sum(gx * dyu, axes) - count * (
+            mean_g * mean_dy + mean_g_x_hat * mean_dy_x_hat)
+        c1 = -k * mean_dy_x_hat
+        c2 = g_dscale - k * mean_g_x_hat
+        b = g_doffset - k * mean_g
+    d_dy = per_channel(c2 * inv_std) * centered + per_channel(b)
+    d_x = per_channel(c2 * inv_std) * dyu
+    if g_dx is not None:
+        d_dy += per_channel(k) * gx
+        d_x += per_channel(c1 * inv_std) * gx
+    # d_x_hat = c1 * g_dx + c2 * dy, summed (and times x - mean) per channel.
+    d_mean = -inv_std * (c1 * sum_g + c2 * sum_dy)
+    d_inv_std = scale * d_k + c1 * sum_g_c + c2 * sum_dy_c
+    d_scale = inv_std * d_k
+    return (tf.cast(d_dy, dy.dtype), tf.cast(d_x, x.dtype), d_scale, d_mean,
+            d_inv_std)
+
+
+@tf.RegisterGradient("FusedBn>ForwardGrad")
+def _forward_grad_grad(op, g_dx, g_dscale, g_doffset):
+    dy, x, scale, mean, inv_std = op.inputs[:5]
+    grads = _backward_vjp(
+        dy, x, scale, mean, inv_std, _named_input(op, "training"),
+        _format_attr(op), g_dx, g_dscale, g_doffset)
+    return list(grads) + [None] * (len(op.inputs) - 5)

@@ -8,10 +8,11 @@ statistics and counter updated with assigns.
 """
 import tensorflow as tf
 
-from .ops import (_check_epsilon, _check_momentum, _check_moving_args,
-                  _check_training, _check_x, _data_format, _stat_dtype)
+from .ops import (_broadcast_stat, _check_epsilon, _check_momentum,
+                  _check_moving_args, _check_training, _check_x, _data_format,
+                  _stat_dtype)
 
-__all__ = ["batch_norm", "in_xla_context"]
+__all__ = ["batch_norm", "check_mask", "in_xla_context", "masked_moments"]
 
 
 def in_xla_context():
@@ -27,11 +28,19 @@ def _read(var, dtype):
 
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
-               unbiased_variance=True, num_updates=None, name=None):
-    """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring)."""
+               unbiased_variance=True, num_updates=None, name=None, mask=None):
+    """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring).
+
+    mask: optional, as `fused_bn.BatchNormalization` takes it (see
+    `masked_moments`): training uses the statistics of the unmasked
+    positions; a batch with fewer than 2 of them in a channel leaves the
+    moving statistics and counter unchanged. Inference ignores it.
+    """
     with tf.name_scope(name or "batch_norm_reference"):
         x = _check_x(x)
         data_format = _data_format(x, axis)
+        if mask is not None:
+            mask = check_mask(mask, x)
         momentum = _check_momentum(momentum)
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
@@ -48,21 +57,28 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
             return tf.reshape(v, stat_shape)
 
         def batch_stats():
-            mean = tf.reduce_mean(xu, axes)
-            variance = tf.reduce_mean(
-                tf.square(xu - per_channel(mean)), axes)
+            if mask is None:
+                mean = tf.reduce_mean(xu, axes)
+                variance = tf.reduce_mean(
+                    tf.square(xu - per_channel(mean)), axes)
+                count = tf.cast(tf.size(xu), u) / tf.cast(tf.size(mean), u)
+                if moving_mean is not None:
+                    _update(mean, variance, count)
+                return mean, variance
+            mean, variance, count = masked_moments(x, mask, axis)
+            count = tf.cast(count, u)
             if moving_mean is not None:
-                _update(mean, variance)
+                tf.cond(tf.reduce_min(count) >= 2,
+                        lambda: _update(mean, variance, count), lambda: None)
             return mean, variance
 
-        def _update(mean, variance):
+        def _update(mean, variance, count):
             m = tf.constant(momentum, u)
             if num_updates is not None:
                 t = tf.cast(tf.convert_to_tensor(num_updates), u)
                 m = tf.minimum(m, t / (t + 1))
             batch_var = variance
             if unbiased_variance:
-                count = tf.cast(tf.size(xu), u) / tf.cast(tf.size(mean), u)
                 batch_var = variance * count / (count - 1)
             new_mean = _read(moving_mean, u) * m + tf.stop_gradient(mean) * (1 - m)
             new_var = (_read(moving_variance, u) * m
@@ -89,3 +105,77 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         if offset is not None:
             y = y + per_channel(_read(offset, u))
         return tf.cast(y, x.dtype)
+
+
+def check_mask(mask, x):
+    """A Keras batch-norm mask, checked: bool, broadcast to x's shape without
+    its last axis.
+
+    As `keras.layers.BatchNormalization` takes it: rank(x) - 1 dimensions,
+    each x's or 1; nonzero means "counts". It is broadcast along x's last
+    axis, which is the channel axis for channels-last x.
+    """
+    mask = tf.convert_to_tensor(mask)
+    if not (mask.dtype.is_bool or mask.dtype.is_integer or mask.dtype.is_floating):
+        raise TypeError(f"mask must be bool or numeric, got {mask.dtype.name}")
+    rank = x.shape.rank
+    if rank is None:
+        raise ValueError("a mask needs inputs of known rank")
+    want = x.shape[:-1]
+    message = (f"mask must have the inputs' shape without the last axis, {want} "
+               "(or 1 in a dimension, to broadcast)")
+    if mask.shape.rank != rank - 1 or any(
+            m is not None and d is not None and m not in (1, d)
+            for m, d in zip(mask.shape, want)):
+        raise ValueError(f"{message}, got shape {mask.shape}")
+    if mask.dtype != tf.bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    target = tf.shape(x)[:-1]
+    if not (mask.shape.is_fully_defined() and want.is_fully_defined()):
+        shape = tf.shape(mask)
+        fits = tf.reduce_all(tf.logical_or(tf.equal(shape, 1),
+                                           tf.equal(shape, target)))
+        check = tf.debugging.Assert(fits, [message + ", got shape", shape])
+        with tf.control_dependencies([check]):
+            mask = tf.identity(mask)
+    return tf.broadcast_to(mask, target)
+
+
+def masked_moments(x, mask, axis=-1):
+    """Per-channel mean, biased variance and count over the unmasked positions.
+
+    Args:
+      x: as for `fused_bn.batch_norm` (rank known).
+      mask: x's shape without the last axis (see `check_mask`), broadcast
+        along x's last axis, as Keras' batch norm does: for channels-last x
+        every channel counts the same positions; for channels-first x the
+        channel axis is in the mask and the counts are per channel.
+      axis: the channel axis, -1 or 1.
+
+    Returns:
+      mean and variance ([C], float32; float64 for float64 x) and count
+      ([C] int64, the unmasked values per channel). Two passes in that
+      precision (the mean, then the mean squared deviation from it: no
+      E[x^2] - E[x]^2 cancellation). A channel with no unmasked value gets
+      mean 0 and variance 0, as in Keras.
+    """
+    x = _check_x(x)
+    data_format = _data_format(x, axis)
+    mask = check_mask(mask, x)
+    u = _stat_dtype(x.dtype)
+    rank = x.shape.rank
+    channel_axis = rank - 1 if data_format == "channels_last" else 1
+    axes = [a for a in range(rank) if a != channel_axis]
+    count = tf.reduce_sum(tf.cast(mask, tf.int64),
+                          [a for a in range(rank - 1) if a != channel_axis])
+    if data_format == "channels_first":
+        count *= tf.cast(tf.shape(x)[-1], tf.int64)
+    count = tf.broadcast_to(count, tf.shape(x)[channel_axis:channel_axis + 1])
+    n = tf.cast(tf.maximum(count, 1), u)
+    keep = mask[..., None]
+    xu = tf.cast(x, u)
+    zero = tf.zeros([], u)
+    mean = tf.reduce_sum(tf.where(keep, xu, zero), axes) / n
+    centered = tf.where(keep, xu - _broadcast_stat(mean, x, data_format), zero)
+    variance = tf.reduce_sum(tf.square(centered), axes) / n
+    return mean, variance, count
