@@ -150,7 +150,7 @@ uint64_t to_bits(const T& v) {
 template <typename T>
 T from_bits(uint64_t b) {
   T v;
-  std::memcpy(&v, &b, sizeof(T));
+  std::memcpy(static_cast<void*>(&v), &b, sizeof(T));
   return v;
 }
 
