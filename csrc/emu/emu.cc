@@ -14,6 +14,7 @@
 // This file defines no thread_local: the TLS block of the kernels' module is
 // their __shared__ memory.
 #include <dlfcn.h>
+#include <signal.h>
 #include <link.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -217,6 +218,7 @@ struct Fiber {
   char* stack = nullptr;
   size_t stack_size = 0;
   void* asan_fake = nullptr;
+  bool filled = false;  // FUSED_BN_EMU_STACK_STATS
   ThreadCtx ctx;
   Block* block = nullptr;
   unsigned linear = 0, lane = 0, warp = 0;
@@ -245,12 +247,36 @@ size_t page_size() {
   return p;
 }
 
+// FUSED_BN_EMU_STACK_STATS=1: fibers start on stacks filled with a pattern;
+// the deepest use is printed at exit (to size stack_bytes()).
+constexpr unsigned char kStackFill = 0xa5;
+bool g_stack_stats = false;
+size_t g_stack_max_use = 0;
+
+void print_stack_stats() {
+  std::fprintf(stderr, "fused_bn CUDA emulator: deepest fiber stack use %zu bytes\n",
+               g_stack_max_use);
+}
+
+void measure_stack(const Fiber& f) {
+  size_t unused = 0;
+  while (unused < f.stack_size &&
+         static_cast<unsigned char>(f.stack[unused]) == kStackFill) {
+    ++unused;
+  }
+  g_stack_max_use = std::max(g_stack_max_use, f.stack_size - unused);
+}
+
 size_t stack_bytes() {
 #ifdef FUSED_BN_EMU_ASAN
   size_t kb = 512;
 #else
   size_t kb = 64;
 #endif
+  if (const char* e = std::getenv("FUSED_BN_EMU_STACK_STATS"); e && *e == '1') {
+    g_stack_stats = true;
+    std::atexit(print_stack_stats);
+  }
   if (const char* e = std::getenv("FUSED_BN_EMU_STACK_KB")) {
     const long v = std::atol(e);
     if (v >= 16) kb = size_t(v);
@@ -398,6 +424,11 @@ void ucontext_entry(int hi, int lo) {
 #endif
 
 void start_fiber(Fiber& f) {
+  if (g_stack_stats) {
+    if (f.filled) measure_stack(f);
+    std::memset(f.stack, kStackFill, f.stack_size);
+    f.filled = true;
+  }
 #ifdef FUSED_BN_EMU_ASAN
   if (g_aborted_fibers) __asan_unpoison_memory_region(f.stack, f.stack_size);
 #endif
@@ -829,6 +860,52 @@ void run_grid(uint64_t blocks) {
   for (Block& b : grid) std::free(b.dyn);
 }
 
+// ---------------------------------------------------------------- faults
+
+#ifndef FUSED_BN_EMU_ASAN
+// A fault inside a kernel (ASan builds have ASan's report instead): names the
+// emulated thread, then lets the fault repeat under the previous handler
+// (Python's faulthandler, or the default).
+struct sigaction g_old_segv, g_old_bus;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  const Fiber* f = g_fiber;
+  if (f && g_run) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(f->stack);
+    const bool overflow = a < lo && a + page_size() >= lo;
+    char buf[1024];
+    const int n = std::snprintf(
+        buf, sizeof(buf),
+        "fused_bn CUDA emulator: %s in kernel %s, block (%u,%u,%u), thread "
+        "(%u,%u,%u): %s\n",
+        sig == SIGBUS ? "bus error" : "segmentation fault", g_run->kernel.c_str(),
+        f->block->idx.x, f->block->idx.y, f->block->idx.z, f->ctx.thread_idx.x,
+        f->ctx.thread_idx.y, f->ctx.thread_idx.z,
+        overflow ? "stack overflow of the emulated thread (FUSED_BN_EMU_STACK_KB)"
+                 : "an invalid or misaligned access (on a GPU: an illegal or "
+                   "misaligned address error)");
+    if (n > 0) (void)!write(2, buf, size_t(std::min(n, int(sizeof(buf)) - 1)));
+  }
+  sigaction(sig, sig == SIGBUS ? &g_old_bus : &g_old_segv, nullptr);
+}
+
+void install_fault_handler() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_old_segv);
+  sigaction(SIGBUS, &sa, &g_old_bus);
+}
+#else
+void install_fault_handler() {}
+#endif
+
 // ---------------------------------------------------------------- launch
 
 // "kernel<...>" from "... [with auto Kernel = kernel<...>; Args = ...]".
@@ -845,7 +922,7 @@ std::string kernel_name(const char* pretty) {
     depth += c == '<' ? 1 : c == '>' ? -1 : 0;
     out += c;
   }
-  for (const std::string junk : {"{anonymous}::", "fused_bn::cuda::"}) {
+  for (const std::string junk : {"{anonymous}::", "<unnamed>::", "fused_bn::cuda::"}) {
     for (size_t p; (p = out.find(junk)) != std::string::npos;) out.erase(p, junk.size());
   }
   return out;
@@ -913,6 +990,7 @@ std::string check_config(const LaunchSpec& s, const std::string& kernel) {
 
 void launch_impl(const LaunchSpec& spec) {
   std::lock_guard<std::mutex> lock(g_launch_mu);
+  install_fault_handler();
   if (g_run) {
     std::fprintf(stderr, "fused_bn CUDA emulator: a kernel launched a kernel\n");
     std::abort();
