@@ -36,6 +36,9 @@
 //   threads or dims over CUDA's, grid dims over CUDA's or zero, dynamic
 //   shared memory over the kernel's limit, a cooperative grid over
 //   occupancy x SMs), __trap().
+// - Fiber stacks are 64 KB (512 KB under ASan), FUSED_BN_EMU_STACK_KB to
+//   change; FUSED_BN_EMU_STACK_STATS=1 prints the deepest use at exit. A
+//   fault inside a kernel names the kernel, block and thread.
 // - Device memory is host memory (cudaMalloc: 256-byte aligned, exact size);
 //   streams are a no-op handle and every launch runs to completion at once.
 //   The device (cudaDeviceGetAttribute, occupancy) is an H200: 132 SMs,
