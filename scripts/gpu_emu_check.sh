@@ -90,7 +90,8 @@ for run in "forward:$pid_fwd" "reverse:$pid_rev"; do
     status=1
     failed_log="$EMU/pytest-$order.log"
     log "order $order: FAILED"
-    grep -E "^(FAILED|ERROR)|Error|error:" "$failed_log" | head -40
+    grep -E "^(FAILED|ERROR) |RuntimeError: fused_bn|runtime error:|ERROR: AddressSanitizer" \
+      "$failed_log" | head -20
   fi
 done
 phase "GPU suite, forward and reverse order"
