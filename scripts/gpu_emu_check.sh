@@ -112,6 +112,6 @@ if [[ ${PIPESTATUS[0]} != 0 ]]; then
   [[ -z "$failed_log" ]] && failed_log="$ASAN/pytest-asan.log"
 fi
 phase "GPU suite, random order, ASan + UBSan"
-log "status $status"
-[[ -n "$failed_log" ]] && summary "$failed_log"
+log "status $status; the summary of the ${failed_log:+failed }run:"
+summary "${failed_log:-$ASAN/pytest-asan.log}"
 exit $status
