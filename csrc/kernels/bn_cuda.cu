@@ -27,6 +27,7 @@
 #include <string>
 
 #include "bn_cuda.h"
+#include "cuda_launch.h"
 
 namespace fused_bn {
 namespace cuda {
@@ -723,21 +724,21 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
   const dim3 grid{unsigned(g.gx), unsigned(g.gy)};
   if (s.inner == 1) {
     if (vec == V) {
-      reduce_cl_kernel<T, V, K><<<grid, kThreads, 0, stream>>>(a);
+      launch<reduce_cl_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
     } else {
-      reduce_cl_kernel<T, 1, K><<<grid, kThreads, 0, stream>>>(a);
+      launch<reduce_cl_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
     }
   } else {
     if (vec == V) {
-      reduce_cf_kernel<T, V, K><<<grid, kThreads, 0, stream>>>(a);
+      launch<reduce_cf_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
     } else {
-      reduce_cf_kernel<T, 1, K><<<grid, kThreads, 0, stream>>>(a);
+      launch<reduce_cf_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
     }
   }
   Status st = check_launch("reduce");
   if (!st.ok() || g.gy == 1) return st;
-  finalize_kernel<K><<<unsigned(ceil_div(s.channels, kWarps)), kThreads, 0,
-                       stream>>>(a, g.gy);
+  launch<finalize_kernel<K>>(unsigned(ceil_div(s.channels, kWarps)), kThreads,
+                             0, stream, a, g.gy);
   return check_launch("finalize");
 }
 
@@ -758,17 +759,19 @@ Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
                      ceil_div(kApplyBlocks, gx), kMaxGridY}));
     const dim3 grid{unsigned(gx), unsigned(gy)};
     if (vec == V) {
-      apply_cl_kernel<T, V, kGrad><<<grid, kThreads, 0, stream>>>(a);
+      launch<apply_cl_kernel<T, V, kGrad>>(grid, kThreads, 0, stream, a);
     } else {
-      apply_cl_kernel<T, 1, kGrad><<<grid, kThreads, 0, stream>>>(a);
+      launch<apply_cl_kernel<T, 1, kGrad>>(grid, kThreads, 0, stream, a);
     }
   } else {
     const int64_t blocks = std::max<int64_t>(
         1, std::min(ceil_div(s.outer * s.channels, kWarps), kApplyBlocks * 4));
     if (vec == V) {
-      apply_cf_kernel<T, V, kGrad><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      launch<apply_cf_kernel<T, V, kGrad>>(unsigned(blocks), kThreads, 0,
+                                           stream, a);
     } else {
-      apply_cf_kernel<T, 1, kGrad><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      launch<apply_cf_kernel<T, 1, kGrad>>(unsigned(blocks), kThreads, 0,
+                                           stream, a);
     }
   }
   return check_launch(kGrad ? "backward dx" : "normalize");
@@ -838,7 +841,7 @@ Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
     return Status::Error(
         "update: mean, var, moving_mean and moving_var are required");
   }
-  update_kernel<<<1, kThreads, 0, stream>>>(
+  launch<update_kernel>(1, kThreads, 0, stream,
       static_cast<const float*>(p.mean), static_cast<const float*>(p.var),
       p.channels, p.count, static_cast<float*>(p.moving_mean),
       static_cast<float*>(p.moving_var), p.num_updates, p.momentum,

@@ -16,6 +16,11 @@
 #ifdef FUSED_BN_WITH_CUDA
 #include "bn_cuda.h"
 #endif
+#ifdef FUSED_BN_CUDA_EMU
+#include <pybind11/numpy.h>
+
+#include "emu_host.h"
+#endif
 
 namespace py = pybind11;
 
@@ -122,6 +127,30 @@ PYBIND11_MODULE(_kernels, m) {
     return false;
 #endif
   }, "Whether this build has the CUDA kernels.");
+
+  // The CPU emulator of the CUDA kernels (csrc/emu): "device" memory is host
+  // memory, handed to Python as a NumPy array that owns it.
+  m.def("cuda_emulated", [] {
+#ifdef FUSED_BN_CUDA_EMU
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels run on the CPU emulator (csrc/emu).");
+#ifdef FUSED_BN_CUDA_EMU
+  m.def(
+      "emu_device_alloc",
+      [](size_t nbytes) {
+        void* p = fused_bn_emu::device_malloc(nbytes);
+        if (!p) throw std::bad_alloc();
+        py::capsule owner(p, [](void* q) { fused_bn_emu::device_free(q); });
+        return py::array_t<uint8_t>({nbytes}, {1}, static_cast<uint8_t*>(p),
+                                    owner);
+      },
+      py::arg("nbytes"),
+      "Emulated device memory: a uint8 array of exactly nbytes, 256-byte "
+      "aligned (cudaMalloc), freed with the last view of it.");
+#endif
 
   m.def("cpu_isa", [] { return std::string(cpu::isa()); },
         "The CPU kernels in use: \"avx512\" or \"avx2\".");

@@ -3,8 +3,10 @@
 - `load_kernels()` imports the built extension without running
   `fused_bn/__init__.py` (which imports TensorFlow): it loads
   `_kernels*.so` by file path from $FUSED_BN_KERNELS_DIR or `<repo>/fused_bn`.
-- `NumpyBuffers` / `TorchBuffers` give the kernels raw pointers to host or
-  CUDA memory behind one small interface, so the same checks run on both.
+- `NumpyBuffers` / `TorchBuffers` / `EmuBuffers` give the kernels raw
+  pointers to host, CUDA, or emulated CUDA memory (the CPU emulator of the
+  CUDA kernels, csrc/emu) behind one small interface, so the same checks run
+  on all of them.
 - `check_*` run one operation and compare it with a float64 NumPy reference.
 """
 import glob
@@ -64,6 +66,11 @@ def load_kernels():
             spec.loader.exec_module(module)
             _MODULE = module
     return _MODULE
+
+
+def emulated(k):
+    """Whether module k runs its CUDA kernels on the CPU emulator."""
+    return bool(getattr(k, "cuda_emulated", lambda: False)())
 
 
 def kernels_or_skip():
@@ -144,6 +151,7 @@ class TorchBuffers:
     """CUDA buffers from PyTorch: the CUDA kernels, on torch's current stream."""
 
     device = "cuda"
+    emulated = False
 
     def __init__(self):
         import torch
@@ -186,6 +194,65 @@ class TorchBuffers:
 
     def sync(self):
         self.torch.cuda.synchronize()
+
+    def full(self, n, value, dtype="float32"):
+        """A buffer of n values (dtype name) equal to value."""
+        return self.torch.full((n,), value, dtype=self._tdtype(dtype), device="cuda")
+
+    def host(self, buf, n):
+        """The first n values of buf as float32 on the host."""
+        self.sync()
+        return buf[:n].float().cpu().numpy()
+
+
+class EmuBuffers:
+    """Emulated CUDA buffers for the CPU emulator of the CUDA kernels: host
+    memory from the module's cudaMalloc (256-byte aligned, exactly as large as
+    asked, so AddressSanitizer sees any access past the data), as NumPy
+    arrays. Launches run to completion at once (stream 0)."""
+
+    device = "cuda"
+    stream = 0
+    emulated = True
+
+    def __init__(self, k):
+        self.k = k
+
+    def _empty(self, n, dtype):
+        return self.k.emu_device_alloc(n * dtype.itemsize).view(dtype)
+
+    def put(self, a, offset=0, dtype=None):
+        """A copy of `a` (as `dtype`, a name) starting `offset` elements into
+        a buffer of exactly offset + a.size elements."""
+        a = np.asarray(a)
+        if dtype is not None:
+            a = a.astype(np_dtype_or_skip(dtype))
+        view = self._empty(a.size + offset, a.dtype)[offset:].reshape(a.shape)
+        view[...] = a
+        return view
+
+    def get(self, buf):
+        return np.array(buf)
+
+    def ptr(self, buf):
+        return 0 if buf is None else buf.ctypes.data
+
+    def workspace(self, nbytes):
+        return None if nbytes == 0 else self.k.emu_device_alloc(nbytes)
+
+    def extra(self):
+        return {"stream": self.stream}
+
+    def sync(self):
+        pass
+
+    def full(self, n, value, dtype="float32"):
+        buf = self._empty(n, np_dtype_or_skip(dtype))
+        buf[...] = value
+        return buf
+
+    def host(self, buf, n):
+        return np.asarray(buf[:n], np.float32)
 
 
 # ---------------------------------------------------------------- references
