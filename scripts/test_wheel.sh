@@ -12,7 +12,7 @@
 #    nvidia-cuda-cuobjdump);
 #  - then pytest on tests/ with the given arguments.
 # FUSED_BN_TEST_VENV=DIR uses (and keeps) that venv instead of a temporary one.
-# Usage: scripts/test_wheel.sh WHEEL [pytest args...]
+# Usage: scripts/test_wheel.sh WHEEL [pytest args (default: all of tests/)...]
 set -euo pipefail
 whl=$(realpath "$1"); shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -81,4 +81,4 @@ if info["cuda"]:
         assert {"sm_75", "sm_80", "sm_90"} <= set(sass), (lib, sass)
         print(f"{lib}: SASS {sass}, PTX {ptx}")
 PY
-"$py" -m pytest -q -rs -p no:cacheprovider tests "$@"
+"$py" -m pytest -q -rs -p no:cacheprovider "$@"  # no path: tests/ (testpaths)
