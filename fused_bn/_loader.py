@@ -1,15 +1,26 @@
-"""The one place that loads the op library and checks what it was built for."""
+"""The one place that loads the op library and checks what it was built for.
+
+The wheels require no TensorFlow distribution (pip would install a second
+one beside the one a machine has), so this check is the guard: TensorFlow
+must be installed, and of the minor version the op library was compiled
+against (custom-op ABI is per TensorFlow minor version).
+"""
 import os
 import re
 
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+        raise
+    tf = None
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _minor(version):
     m = re.match(r"(\d+)\.(\d+)", version)
-    return m.groups() if m else (version,)
+    return ".".join(m.groups()) if m else version
 
 
 def _load():
@@ -18,15 +29,27 @@ def _load():
     except ImportError:
         raise ImportError(
             "fused_bn's op library is not built: install the package with "
-            "`pip install --no-build-isolation .` (or -e . for development)"
+            "`pip install .`, or `pip install --no-build-isolation -e .` "
+            "for development"
         ) from None
-    if _minor(_build_info.TF_VERSION) != _minor(tf.__version__):
+    built = _minor(_build_info.TF_VERSION)
+    install = (f"pip install 'tensorflow-cpu=={built}.*' (CPU only) or "
+               f"'tensorflow[and-cuda]=={built}.*' (NVIDIA GPUs), or install "
+               "fused_bn with the extra [cpu] or [and-cuda]")
+    if tf is None:
+        raise ImportError(
+            f"fused_bn needs TensorFlow {built} (it was built for "
+            f"{_build_info.TF_VERSION}) and none is installed: {install}")
+    if built != _minor(tf.__version__):
         raise ImportError(
             f"fused_bn was built for TensorFlow {_build_info.TF_VERSION} but "
             f"TensorFlow {tf.__version__} is installed; custom-op ABI is per "
-            "TensorFlow minor version: reinstall fused_bn against this "
-            "TensorFlow, or install TensorFlow "
-            f"{'.'.join(_minor(_build_info.TF_VERSION))}.x"
+            f"TensorFlow minor version: install the fused_bn wheel built for "
+            f"TensorFlow {_minor(tf.__version__)} (version tag "
+            f"+tf{_minor(tf.__version__).replace('.', '')}), build fused_bn "
+            f"from source against this TensorFlow, or install TensorFlow "
+            f"{built} of the distribution you have (tensorflow-cpu=={built}.* "
+            f"or tensorflow[and-cuda]=={built}.*)"
         )
     path = os.path.join(_DIR, "_fused_bn_ops.so")
     if not os.path.exists(path):

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bn.h"
+#include "cuda_driver.h"
 #ifdef FUSED_BN_WITH_CUDA
 #include "bn_cuda.h"
 #endif
@@ -411,4 +412,13 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("stream") = 0, py::arg("workspace") = 0, py::arg("threads") = 1,
       "Backward of forward(): dx (optional), dscale = sum(dy * x_hat), "
       "doffset = sum(dy). training=False is frozen batch norm.");
+
+  m.def("cuda_driver_check",
+        [](int driver_version, int runtime_version) {
+          return cuda::driver_check(driver_version, runtime_version).message;
+        },
+        py::arg("driver_version"), py::arg("runtime_version"),
+        "The error the CUDA ops raise when a driver supporting CUDA "
+        "`driver_version` cannot run kernels built with CUDA runtime "
+        "`runtime_version` (both 1000 * major + 10 * minor), or \"\".");
 }

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "bn_cuda.h"
+#include "cuda_driver.h"
 #include "kernels.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
@@ -32,20 +33,15 @@ absl::Status Workspace(OpKernelContext* ctx, size_t bytes, Tensor* t,
   return absl::OkStatus();
 }
 
-// The statically linked CUDA runtime needs a driver at least as new as the
-// toolkit the kernels were built with: say so clearly, once, instead of
-// failing every launch with cudaErrorInsufficientDriver.
+// The statically linked CUDA runtime needs a driver of its CUDA major
+// version or newer (cuda_driver.h): say so clearly, once, instead of failing
+// every launch with cudaErrorInsufficientDriver.
 absl::Status DriverStatus() {
   static const absl::Status status = [] {
     int driver = 0;
     cudaDriverGetVersion(&driver);
-    if (driver >= CUDART_VERSION) return absl::OkStatus();
-    return errors::FailedPrecondition(
-        "fused_bn's CUDA kernels were built with CUDA ", CUDART_VERSION / 1000,
-        ".", CUDART_VERSION % 1000 / 10,
-        " and need an NVIDIA driver that supports it; this machine's driver "
-        "supports CUDA ", driver / 1000, ".", driver % 1000 / 10,
-        ". Update the driver, or place the op on the CPU.");
+    const kernels::Status s = kernels::cuda::driver_check(driver, CUDART_VERSION);
+    return s.ok() ? absl::OkStatus() : errors::FailedPrecondition(s.message);
   }();
   return status;
 }
