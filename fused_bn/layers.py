@@ -33,8 +33,15 @@ class BatchNormalization(keras.layers.Layer):
     `trainable=False` runs in inference mode, as Keras' layer does.
 
     `axis` is the channel axis and must be the last or the second axis
-    (channels-last or channels-first) of an input of rank 2 to 5. Masks,
-    `synchronized=True` and `renorm=True` are not supported.
+    (channels-last or channels-first) of an input of rank 2 to 5. Masks and
+    `renorm=True` are not supported.
+
+    tf.distribute (`MirroredStrategy`, `MultiWorkerMirroredStrategy`):
+    `synchronized=True` normalizes with the statistics of the global batch
+    (all replicas and workers), as Keras' `synchronized=True` does. In
+    both modes the moving statistics are updated with the global batch's
+    statistics, so every replica holds the same values (Keras' layer lets
+    them diverge when not synchronized).
 
     XLA: the custom op cannot be compiled by XLA, so the layer declares
     `supports_jit = False` (Keras then compiles the model without XLA). Inside
@@ -56,11 +63,6 @@ class BatchNormalization(keras.layers.Layer):
                 "fused_bn.BatchNormalization runs a TensorFlow op and needs "
                 "the Keras TensorFlow backend (KERAS_BACKEND=tensorflow), got "
                 f"{keras.backend.backend()!r}")
-        if synchronized:
-            raise ValueError(
-                "fused_bn.BatchNormalization does not support "
-                "synchronized=True (cross-replica statistics); use "
-                "keras.layers.BatchNormalization(synchronized=True)")
         if renorm:
             raise ValueError(
                 "fused_bn.BatchNormalization does not support renorm=True; "
@@ -76,6 +78,7 @@ class BatchNormalization(keras.layers.Layer):
         self.scale = scale
         self.warmup = bool(warmup)
         self.unbiased_variance = bool(unbiased_variance)
+        self.synchronized = bool(synchronized)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -164,7 +167,8 @@ class BatchNormalization(keras.layers.Layer):
             x, training, self.gamma, self.beta, self.moving_mean,
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
             axis=self._axis, unbiased_variance=self.unbiased_variance,
-            num_updates=self.num_updates if self.warmup else None)
+            num_updates=self.num_updates if self.warmup else None,
+            synchronized=self.synchronized)
 
     def get_config(self):
         config = {
@@ -185,5 +189,6 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "warmup": self.warmup,
             "unbiased_variance": self.unbiased_variance,
+            "synchronized": self.synchronized,
         }
         return {**super().get_config(), **config}
