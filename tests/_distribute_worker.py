@@ -238,9 +238,32 @@ class Run:
         for i, w in enumerate(model.weights):
             self.save_components(key, f"{i}_{w.name}", w)
 
+    def custom_fit(self, model, x, y, batch=8):
+        """One epoch of SGD steps in a strategy.run loop: Keras 3's fit does
+        not run under MultiWorkerMirroredStrategy (keras-team/keras#20585:
+        its symbolic build reduces the first batch and fails, with or
+        without fused_bn)."""
+        import keras
+        tf = self.tf
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="sum")
+        data = self.strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(batch))
+
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb, training=True)) / batch
+            grads = tape.gradient(loss, model.trainable_variables)
+            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        step = tf.function(lambda xb, yb: self.strategy.run(replica_step, args=(xb, yb)))
+        for xb, yb in data:
+            step(xb, yb)
+
     def keras_fit(self, key, sync):
         """fused_bn's layer (warmup=False, unbiased_variance=False) and
-        Keras' under the same strategy: 4 steps of fit, evaluate, predict."""
+        Keras' under the same strategy: 4 steps of fit, evaluate, predict
+        (MultiWorkerMirroredStrategy: 4 steps of a strategy.run loop)."""
         import fused_bn
         import keras
         x, y = self.fit_data()
@@ -253,10 +276,13 @@ class Run:
                     momentum=MOMENTUM, synchronized=sync, name="bn"))]:
             with self.strategy.scope():
                 model = self.model(bn())
-            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+            if self.multiworker:
+                self.custom_fit(model, x, y)
+            else:
+                model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+                self.save(f"{key}:{name}", "evaluate", model.evaluate(x, y, verbose=0))
+                self.save(f"{key}:{name}", "predict", model.predict(x, verbose=0))
             self.save_model(f"{key}:{name}", model)
-            self.save(f"{key}:{name}", "evaluate", model.evaluate(x, y, verbose=0))
-            self.save(f"{key}:{name}", "predict", model.predict(x, verbose=0))
             models[name] = model
         return models["fused"]
 
@@ -280,7 +306,8 @@ class Run:
             single.load_weights(h5)
             self.save_model(f"{key}:h5_to_single", single)
         source = self.model(fused_bn.BatchNormalization(momentum=0.5, name="bn"))
-        source.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+            source.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         self.save_model(f"{key}:single", source)
         path = tf.train.Checkpoint(model=source).write(os.path.join(tmp, "single"))
         with self.strategy.scope():
