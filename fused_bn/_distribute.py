@@ -106,7 +106,12 @@ def _local_count(x, data_format):
 
 def _local_moments(x, count, live, u, c, data_format):
     """Biased local (mean, variance); zeros for an empty shard or when `live`
-    (training) is False at run time, without computing anything."""
+    (training) is False at run time, without computing anything.
+
+    An empty shard still goes through tf.cond, whose output depends on x:
+    a tape then records the same collectives on every replica (a second
+    derivative differentiates the statistics' all-reduce on all of them).
+    """
     def compute():
         return tuple(_ops.fused_bn_moments(x=x, U=u, data_format=data_format))
 
@@ -114,8 +119,8 @@ def _local_moments(x, count, live, u, c, data_format):
         z = tf.zeros([c], u)
         return z, z
 
-    if live is True and isinstance(count, int):
-        return compute() if count > 0 else zeros()
+    if live is True and isinstance(count, int) and count > 0:
+        return compute()
     pred = tf.convert_to_tensor(count > 0) if isinstance(count, int) else count > 0
     if live is not True:
         pred = tf.logical_and(live, pred)
@@ -237,6 +242,35 @@ def _update(targets, mean, var, count, live, momentum, unbiased):
     return updates
 
 
+def _moving_handles(moving):
+    """For (moving_mean, moving_variance, num_updates or None): the handle
+    triples (mean, variance, [counter] or []) to update, one per component,
+    and the (mean, variance) handles to read."""
+    names = ("moving_mean", "moving_variance", "num_updates")
+    lists = [handles(v, n, write=True) if v is not None else None
+             for v, n in zip(moving, names)]
+    if len({len(h) for h in lists if h is not None}) != 1:
+        raise ValueError(
+            "moving_mean, moving_variance and num_updates must be created "
+            "under the same strategy")
+    targets = [(mh, vh, [] if lists[2] is None else [lists[2][i]])
+               for i, (mh, vh) in enumerate(zip(lists[0], lists[1]))]
+    return targets, (lists[0][0], lists[1][0])
+
+
+def _checked(stats, live):
+    """stats (mean, variance, count), usable only once count >= 2 is checked
+    (when training): an InvalidArgumentError before anything is updated."""
+    ok = stats[2] >= 2
+    if live is not True:
+        ok = tf.logical_or(tf.logical_not(live), ok)
+    check = tf.debugging.Assert(ok, [
+        "training needs at least 2 values per channel over all replicas to "
+        "compute batch statistics, got", stats[2]])
+    with tf.control_dependencies([check]):
+        return tuple(tf.identity(t) for t in stats)
+
+
 def batch_norm(x, live, scale, offset, moving, *, u, c, data_format,
                momentum, epsilon, unbiased_variance, synchronized):
     """`fused_bn.batch_norm`'s training call (live: True, or a bool tensor)
@@ -246,47 +280,29 @@ def batch_norm(x, live, scale, offset, moving, *, u, c, data_format,
     checked tf.Variables.
     """
     ctx = replica_context()
+    sync = bool(synchronized) and ctx is not None
     count = _local_count(x, data_format)
     mean_l, var_l = _local_moments(x, count, live, u, c, data_format)
-    targets, reads = [], None
+    targets, values = [], None
     if moving is not None:
-        names = ("moving_mean", "moving_variance", "num_updates")
-        lists = [handles(v, n, write=True) if v is not None else None
-                 for v, n in zip(moving, names)]
-        if len({len(h) for h in lists if h is not None}) != 1:
-            raise ValueError(
-                "moving_mean, moving_variance and num_updates must be "
-                "created under the same strategy")
-        targets = [(mh, vh, [] if lists[2] is None else [lists[2][i]])
-                   for i, (mh, vh) in enumerate(zip(lists[0], lists[1]))]
-        reads = (_read(lists[0][0], u), _read(lists[1][0], u))
-    sync = bool(synchronized) and ctx is not None
+        targets, read_handles = _moving_handles(moving)
+        if live is not True or (ctx is not None and not sync):
+            values = tuple(_read(h, u) for h in read_handles)
+    pooled = None
     if sync:
-        mean_b, var_b, count_b = _global_moments(ctx, count, mean_l, var_l, u)
-        pooled = (mean_b, var_b, count_b)
+        batch = pooled = _checked(_global_moments(ctx, count, mean_l, var_l, u), live)
     else:
-        mean_b, var_b, count_b = mean_l, var_l, count
-        pooled = None
-        if moving is not None:
-            pooled = (_pooled_moments(ctx, count, mean_l, var_l, reads[0], u)
-                      if ctx is not None else
-                      (mean_l, var_l, tf.cast(count, tf.int64)))
-    if pooled is not None:
-        ok = pooled[2] >= 2
-        if live is not True:
-            ok = tf.logical_or(tf.logical_not(live), ok)
-        check = tf.debugging.Assert(ok, [
-            "training needs at least 2 values per channel over all replicas "
-            "to compute batch statistics, got", pooled[2]])
-        with tf.control_dependencies([check]):
-            pooled = tuple(tf.identity(t) for t in pooled)
-            mean_b, var_b = tf.identity(mean_b), tf.identity(var_b)
-    if live is True:
-        mean, var = mean_b, var_b
-    else:
-        mean = tf.where(live, mean_b, reads[0])
-        var = tf.where(live, var_b, reads[1])
-    y = _normalize(x, scale, offset, mean, var, count_b, live,
+        batch = (mean_l, var_l, count)
+        if ctx is not None and moving is not None:
+            pooled = _checked(_pooled_moments(ctx, count, mean_l, var_l, values[0], u),
+                              live)
+        elif moving is not None:
+            pooled = _checked((mean_l, var_l, tf.cast(count, tf.int64)), live)
+    mean, var = batch[:2]
+    if live is not True:
+        mean = tf.where(live, mean, values[0])
+        var = tf.where(live, var, values[1])
+    y = _normalize(x, scale, offset, mean, var, batch[2], live,
                    (lambda t: ctx.all_reduce(_SUM, t)) if sync else None,
                    epsilon, data_format)
     if targets:

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 
@@ -356,6 +357,20 @@ class Run:
                 True, moving_mean=averaged, moving_variance=mv,
                 momentum=0.0)))())
         self.save_components(f"{key}:sync_on_read_mean", "moving_mean", averaged)
+        one = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.ones([1 - tf.minimum(ctx.replica_id_in_sync_group, 1), C]))
+        for sync in (True, False):
+            with self.strategy.scope():
+                mm = tf.Variable(tf.fill([C], 0.5), trainable=False)
+                mv = tf.Variable(tf.ones([C]), trainable=False)
+                counter = tf.Variable(COUNTER0, dtype=tf.int64, trainable=False)
+            self.error(f"{key}:one_value_{sync}", lambda: tf.function(
+                lambda x: self.strategy.run(lambda x: fused_bn.batch_norm(
+                    x, True, moving_mean=mm, moving_variance=mv,
+                    num_updates=counter, synchronized=sync), args=(x,)))(one))
+            self.save_components(f"{key}:one_value_{sync}", "moving_mean", mm)
+            self.save_components(f"{key}:one_value_{sync}", "moving_variance", mv)
+            self.save_components(f"{key}:one_value_{sync}", "num_updates", counter)
         with self.strategy.scope():
             layer = fused_bn.BatchNormalization(synchronized=True)
             layer.build(x.shape)
@@ -439,6 +454,8 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # each scenario retraces its functions
+
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
@@ -451,27 +468,41 @@ def main():
     n = strategy.num_replicas_in_sync
     uneven = [3, 2] if n == 2 else [3, 2, 0, 4]
     empty = [5, 0] if n == 2 else [0, 4, 1, 2]
+    full = n == 2 and not args.multiworker  # every scenario; the others less
+    scenarios = []
+    for sync in (True, False):
+        tag = "sync" if sync else "local"
+        scenarios += [
+            (run.functional, f"{tag}_nhwc", uneven, "nhwc", sync),
+            (run.functional, f"{tag}_empty", empty, "nc", sync)]
+        if full or args.multiworker:
+            scenarios += [
+                (run.functional, f"{tag}_nchw", uneven, "nchw", sync),
+                (run.functional, f"{tag}_tensor", uneven, "nhwc", sync,
+                 {"training": "tensor"})]
+    scenarios += [(run.keras_fit, "fit_sync", True)]
+    if full or args.multiworker:
+        scenarios += [(run.keras_fit, "fit_local", False)]
+    if not args.multiworker:
+        scenarios += [(run.second_order, "second_order", uneven)]
+    if full:
+        scenarios += [
+            (run.functional, "sync_eager", uneven, "nc", True, {"eager": True}),
+            (run.functional, "sync_half", uneven, "nchw", True, {"dtype": "float16"}),
+            (run.functional, "local_steps", uneven, "nc", False, {"steps": 3}),
+            (run.update_moving_stats, "update"),
+            (run.compat_v1, "v1_sync", True),
+            (run.compat_v1, "v1_local", False),
+            (run.errors, "errors"),
+            (run.parameter_server, "errors:parameter_server")]
     try:
-        for sync in (True, False):
-            tag = "sync" if sync else "local"
-            run.functional(f"{tag}_nhwc", uneven, "nhwc", sync)
-            run.functional(f"{tag}_nchw", uneven, "nchw", sync)
-            run.functional(f"{tag}_empty", empty, "nc", sync)
-            run.functional(f"{tag}_tensor", uneven, "nhwc", sync, training="tensor")
-            fused = run.keras_fit(f"fit_{tag}", sync)
-            if sync:
-                run.checkpoints("ckpt", fused)
-        if not args.multiworker:
-            run.functional("sync_eager", uneven, "nc", True, eager=True)
-            run.functional("sync_half", uneven, "nchw", True, dtype="float16")
-            run.functional("local_steps", uneven, "nc", False, steps=3)
-            run.update_moving_stats("update")
-            run.second_order("second_order", uneven)
-            if n == 2:
-                run.compat_v1("v1_sync", True)
-                run.compat_v1("v1_local", False)
-                run.errors("errors")
-                run.parameter_server("errors:parameter_server")
+        for fn, *fn_args in scenarios:
+            kwargs = fn_args.pop() if isinstance(fn_args[-1], dict) else {}
+            t0 = time.time()
+            result = fn(*fn_args, **kwargs)
+            if fn == run.keras_fit and fn_args[0] == "fit_sync":
+                run.checkpoints("ckpt", result)
+            print(f"{fn_args[0]}: {time.time() - t0:.1f} s", flush=True)
     except Exception:
         traceback.print_exc()
         sys.stdout.flush()

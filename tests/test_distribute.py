@@ -137,6 +137,14 @@ def mirrored(request, launched):
     return _RESULTS[request.param]
 
 
+def _ran(res, scenario):
+    """Skips a scenario the run left out (MirroredStrategy over 2 devices runs
+    them all; see _distribute_worker.main)."""
+    if not any(k.startswith(scenario + ":") for k in res.arrays[0]):
+        pytest.skip(f"{scenario}: not run in this configuration (MirroredStrategy "
+                    "over 2 devices runs every scenario)")
+
+
 def _mirrored2(launched):
     if "mirrored2" not in _RESULTS:
         _RESULTS["mirrored2"] = _wait(launched["mirrored2"])
@@ -192,6 +200,7 @@ def _tf():
 @pytest.mark.parametrize("key", ["sync_nhwc", "sync_nchw", "sync_empty"])
 def test_sync_equals_single_device_on_the_global_batch(results, key):
     """Uneven shards (3 + 2 on 2 replicas; 3, 2, 0, 4 on 4) and an empty shard."""
+    _ran(results, key)
     tf = _tf()
     x, dy, p = _inputs(results, key)
     axis = _axis(results, key)
@@ -209,6 +218,7 @@ def test_sync_equals_single_device_on_the_global_batch(results, key):
 
 @pytest.mark.parametrize("key", ["local_nhwc", "local_nchw", "local_empty"])
 def test_local_normalizes_per_replica_and_pools_moving_statistics(results, key):
+    _ran(results, key)
     tf = _tf()
     x, dy, p = _inputs(results, key)
     axis = _axis(results, key)
@@ -235,6 +245,7 @@ def test_local_normalizes_per_replica_and_pools_moving_statistics(results, key):
 def test_training_as_a_bool_tensor(results, sync):
     tf = _tf()
     key = ("sync" if sync else "local") + "_tensor"
+    _ran(results, key)
     x, dy, p = _inputs(results, key)
     ys = results.replicas(key, "frozen_y")
     want_y, _, _ = ref.forward(x, -1, p["gamma"], p["beta"], EPS, p["mm0"], p["mv0"])
@@ -248,47 +259,51 @@ def test_training_as_a_bool_tensor(results, sync):
     _check_moving(results, key, *_moving_after(p, x, -1))
 
 
-def test_eager_strategy_run(mirrored):
+def test_eager_strategy_run(launched):
+    res = _mirrored2(launched)
     tf = _tf()
-    x, dy, p = _inputs(mirrored, "sync_eager")
-    ref.close(np.concatenate(mirrored.replicas("sync_eager", "y")),
+    x, dy, p = _inputs(res, "sync_eager")
+    ref.close(np.concatenate(res.replicas("sync_eager", "y")),
               ref.forward(x, -1, p["gamma"], p["beta"], EPS)[0], tf.float32)
-    ref.close(np.concatenate(mirrored.replicas("sync_eager", "dx")),
+    ref.close(np.concatenate(res.replicas("sync_eager", "dx")),
               ref.backward(x, dy, -1, p["gamma"], EPS, True)[0], tf.float32)
-    _check_moving(mirrored, "sync_eager", *_moving_after(p, x, -1))
+    _check_moving(res, "sync_eager", *_moving_after(p, x, -1))
 
 
-def test_sync_float16(mirrored):
+def test_sync_float16(launched):
+    res = _mirrored2(launched)
     tf = _tf()
-    x, dy, p = _inputs(mirrored, "sync_half")
-    ref.close(np.concatenate(mirrored.replicas("sync_half", "y")),
+    x, dy, p = _inputs(res, "sync_half")
+    ref.close(np.concatenate(res.replicas("sync_half", "y")),
               ref.forward(x, 1, p["gamma"], p["beta"], EPS)[0], tf.float16)
-    ref.close(np.concatenate(mirrored.replicas("sync_half", "dx")),
+    ref.close(np.concatenate(res.replicas("sync_half", "dx")),
               ref.backward(x, dy, 1, p["gamma"], EPS, True)[0], tf.float16)
-    _check_moving(mirrored, "sync_half", *_moving_after(p, x, 1))
+    _check_moving(res, "sync_half", *_moving_after(p, x, 1))
 
 
-def test_local_moving_statistics_over_steps(mirrored):
+def test_local_moving_statistics_over_steps(launched):
     """Three non-synchronized steps: warm-up momentum and pooled statistics."""
-    x, _, p = _inputs(mirrored, "local_steps")
+    res = _mirrored2(launched)
+    x, _, p = _inputs(res, "local_steps")
     mean, var = p["mm0"], p["mv0"]
     for t in range(3):
         q = dict(p, mm0=mean, mv0=var)
         mean, var = _moving_after(q, x, -1, t=COUNTER0 + t)
-        _check_moving(mirrored, "local_steps", mean, var, prefix=f"step{t}_",
+        _check_moving(res, "local_steps", mean, var, prefix=f"step{t}_",
                       counter=COUNTER0 + t + 1)
 
 
-def test_update_moving_stats_in_both_contexts(mirrored):
-    n = len(mirrored.components("update", "replica_mean"))
+def test_update_moving_stats_in_both_contexts(launched):
+    res = _mirrored2(launched)
+    n = len(res.components("update", "replica_mean"))
     mean = np.full(C, (n - 1) / 2.0)  # the all-reduced mean of replica ids
-    for c in mirrored.components("update", "replica_mean"):
+    for c in res.components("update", "replica_mean"):
         np.testing.assert_allclose(c, 0.5 * mean, rtol=1e-6)
-    for c in mirrored.components("update", "replica_variance"):
+    for c in res.components("update", "replica_variance"):
         np.testing.assert_allclose(c, 0.5 + 0.5 * (mean + 1) * 4 / 3, rtol=1e-6)
-    for c in mirrored.components("update", "cross_mean"):
+    for c in res.components("update", "cross_mean"):
         np.testing.assert_array_equal(c, np.full(C, 7.0))
-    for c in mirrored.components("update", "cross_variance"):
+    for c in res.components("update", "cross_variance"):
         np.testing.assert_array_equal(c, np.full(C, 3.0))
 
 
@@ -336,6 +351,7 @@ def test_fit_synchronized_matches_keras(results):
 
 
 def test_fit_local_keeps_replicas_alike_where_keras_diverges(results):
+    _ran(results, "fit_local")
     fused = [(n, v) for n, v in _weights(results, "fit_local:fused")
              if n != "num_updates"]
     keras_w = _weights(results, "fit_local:keras")
@@ -395,6 +411,13 @@ def test_unsupported_strategies_and_variables_raise(launched):
     comps = res.components("errors:sync_on_read_mean", "moving_mean")
     np.testing.assert_array_equal(comps[1], comps[0])
     np.testing.assert_allclose(comps[0], np.full(C, 1.5))  # mean of 1 and 2
+    for sync in (True, False):  # a global batch of 1 value: 1 + 0 on 2 replicas
+        key = f"errors:one_value_{sync}"
+        msg = str(res.get(key, "error"))
+        assert msg.startswith("InvalidArgumentError") and "at least 2 values" in msg, msg
+        assert (res.components(key, "moving_mean") == 0.5).all()
+        assert (res.components(key, "moving_variance") == 1.0).all()
+        assert (res.components(key, "num_updates") == COUNTER0).all()
     msg = str(res.get("errors:xla", "error"))
     assert "XLA" in msg and "replica context" in msg, msg
 
@@ -414,3 +437,14 @@ def test_compat_v1_graph_mode_mirrored(launched, sync):
     comps = res.get(key, "moving_mean_components")
     np.testing.assert_array_equal(comps[1], comps[0])
     ref.close(comps[0], x.reshape(-1, C).mean(0), tf.float32)
+
+
+def test_the_full_run_has_every_scenario(launched):
+    """Guards the skips above: MirroredStrategy over 2 devices runs them all."""
+    res = _mirrored2(launched)
+    for scenario in ("sync_nhwc", "sync_nchw", "sync_empty", "sync_tensor",
+                     "local_nhwc", "local_nchw", "local_empty", "local_tensor",
+                     "fit_sync", "fit_local", "ckpt", "second_order", "sync_eager",
+                     "sync_half", "local_steps", "update", "v1_sync", "v1_local",
+                     "errors"):
+        assert any(k.startswith(scenario + ":") for k in res.arrays[0]), scenario
