@@ -95,11 +95,14 @@ def handles(var, name, write):
 
 
 def _local_count(x, data_format):
-    """Values per channel in x: a Python int when static, else an int64 scalar."""
+    """Values per channel in x: a Python int when static, else an int32
+    scalar (int32 shape arithmetic stays in host memory on a GPU, so the
+    empty-shard tf.cond does not wait for the device; a replica's channel
+    never holds 2^31 values)."""
     count = _api._static_count(x, data_format)
     if count is not None:
         return count
-    shape = tf.shape(x, out_type=tf.int64)
+    shape = tf.shape(x)
     ch = tf.rank(x) - 1 if data_format == "channels_last" else 1
     return tf.reduce_prod(tf.concat([shape[:ch], shape[ch + 1:]], 0))
 

@@ -32,8 +32,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                name=None):
     """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring).
 
-    It has no tf.distribute path: training in a replica context with more
-    than one replica raises (compile without XLA there).
+    It has no tf.distribute path: training under XLA in a replica context
+    with more than one replica raises (compile without XLA there).
     """
     with tf.name_scope(name or "batch_norm_reference"):
         _distribute.check_strategy()
@@ -43,7 +43,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
-        if training_value is not False and _distribute.replica_context() is not None:
+        if (training_value is not False and in_xla_context()
+                and _distribute.replica_context() is not None):
             raise ValueError(
                 "fused_bn under XLA (jit_compile=True) does not train in a "
                 "tf.distribute replica context with more than one replica "

@@ -23,7 +23,9 @@ import pytest
 
 import reference as ref
 
-pytestmark = pytest.mark.distributed
+# slow: minutes of spawned processes; the wheel test (-m "not slow") leaves
+# them to the source-tree run (test_distribute_ops.py covers the ops there).
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_distribute_worker.py")
