@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--image", type=int, default=32, help="input H = W")
     p.add_argument("--channels", type=int, default=32,
                    help="channels of the first conv (doubled per stage)")
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=41,
+                   help="timed samples per model (the VM is noisy)")
     p.add_argument("--min-time", type=float, default=0.2,
                    help="seconds per timed sample (steps are repeated)")
     p.add_argument("--quick", action="store_true",
