@@ -14,7 +14,6 @@ Keys are "scenario:name" for global arrays and "scenario:name:r" for replica
 r's (r is the global replica id; a worker saves its local replicas only).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import reference as ref
 
@@ -30,7 +31,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_distribute_worker.py")
 C, EPS, MOMENTUM, COUNTER0 = 5, 1e-3, 0.9, 2
-TOL32 = ref.TOL[__import__("tensorflow").float32]
 TIMEOUT = 900
 
 
@@ -187,14 +187,9 @@ def _check_moving(res, key, want_mean, want_var, prefix="", counter=COUNTER0 + 1
     for comps in (mm, mv):
         for c in comps[1:]:
             np.testing.assert_array_equal(c, comps[0])  # every replica alike
-    ref.close(mm[0], want_mean, _tf().float32)
-    ref.close(mv[0], want_var, _tf().float32)
+    ref.close(mm[0], want_mean, tf.float32)
+    ref.close(mv[0], want_var, tf.float32)
     assert list(res.components(key, prefix + "num_updates")) == [counter] * len(mm)
-
-
-def _tf():
-    import tensorflow as tf
-    return tf
 
 
 # ---------------------------------------------------------------- functional
@@ -203,7 +198,6 @@ def _tf():
 def test_sync_equals_single_device_on_the_global_batch(results, key):
     """Uneven shards (3 + 2 on 2 replicas; 3, 2, 0, 4 on 4) and an empty shard."""
     _ran(results, key)
-    tf = _tf()
     x, dy, p = _inputs(results, key)
     axis = _axis(results, key)
     y = np.concatenate(results.replicas(key, "y"))
@@ -221,7 +215,6 @@ def test_sync_equals_single_device_on_the_global_batch(results, key):
 @pytest.mark.parametrize("key", ["local_nhwc", "local_nchw", "local_empty"])
 def test_local_normalizes_per_replica_and_pools_moving_statistics(results, key):
     _ran(results, key)
-    tf = _tf()
     x, dy, p = _inputs(results, key)
     axis = _axis(results, key)
     ys = results.replicas(key, "y")
@@ -245,7 +238,6 @@ def test_local_normalizes_per_replica_and_pools_moving_statistics(results, key):
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "local"])
 def test_training_as_a_bool_tensor(results, sync):
-    tf = _tf()
     key = ("sync" if sync else "local") + "_tensor"
     _ran(results, key)
     x, dy, p = _inputs(results, key)
@@ -263,7 +255,6 @@ def test_training_as_a_bool_tensor(results, sync):
 
 def test_eager_strategy_run(launched):
     res = _mirrored2(launched)
-    tf = _tf()
     x, dy, p = _inputs(res, "sync_eager")
     ref.close(np.concatenate(res.replicas("sync_eager", "y")),
               ref.forward(x, -1, p["gamma"], p["beta"], EPS)[0], tf.float32)
@@ -274,7 +265,6 @@ def test_eager_strategy_run(launched):
 
 def test_sync_float16(launched):
     res = _mirrored2(launched)
-    tf = _tf()
     x, dy, p = _inputs(res, "sync_half")
     ref.close(np.concatenate(res.replicas("sync_half", "y")),
               ref.forward(x, 1, p["gamma"], p["beta"], EPS)[0], tf.float16)
@@ -312,7 +302,6 @@ def test_update_moving_stats_in_both_contexts(launched):
 def test_second_order_through_sync_bn(mirrored):
     """A gradient penalty: d(sum(dL/dx ** 2)) / d(x, gamma) equals the
     float64 pure-TF reference's on the global batch."""
-    tf = _tf()
     ref.close(mirrored.get("second_order", "penalty"),
               mirrored.get("second_order", "ref_penalty"), tf.float32,
               scale=float(mirrored.get("second_order", "ref_penalty")))
@@ -428,7 +417,6 @@ def test_unsupported_strategies_and_variables_raise(launched):
 def test_compat_v1_graph_mode_mirrored(launched, sync):
     res = _mirrored2(launched)
     key = "v1_sync" if sync else "v1_local"
-    tf = _tf()
     x = res.get(key, "x").astype(np.float64)
     ys = [res.get(key, f"y:{r}") for r in range(2)]
     if sync:
