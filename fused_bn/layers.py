@@ -35,7 +35,14 @@ class BatchNormalization(keras.layers.Layer):
 
     `axis` is the channel axis and must be the last or the second axis
     (channels-last or channels-first) of an input of rank 2 to 5.
-    `synchronized=True` and `renorm=True` are not supported.
+    `renorm=True` is not supported.
+
+    tf.distribute (`MirroredStrategy`, `MultiWorkerMirroredStrategy`):
+    `synchronized=True` normalizes with the statistics of the global batch
+    (all replicas and workers), as Keras' `synchronized=True` does. In
+    both modes the moving statistics are updated with the global batch's
+    statistics, so every replica holds the same values (Keras' layer lets
+    them diverge when not synchronized).
 
     Masks (`mask=`, or the mask Keras attaches, e.g. after `Masking` or
     `Embedding(mask_zero=True)`) work as in Keras: the shape of the inputs
@@ -69,11 +76,6 @@ class BatchNormalization(keras.layers.Layer):
                 "fused_bn.BatchNormalization runs a TensorFlow op and needs "
                 "the Keras TensorFlow backend (KERAS_BACKEND=tensorflow), got "
                 f"{keras.backend.backend()!r}")
-        if synchronized:
-            raise ValueError(
-                "fused_bn.BatchNormalization does not support "
-                "synchronized=True (cross-replica statistics); use "
-                "keras.layers.BatchNormalization(synchronized=True)")
         if renorm:
             raise ValueError(
                 "fused_bn.BatchNormalization does not support renorm=True; "
@@ -89,6 +91,7 @@ class BatchNormalization(keras.layers.Layer):
         self.scale = scale
         self.warmup = bool(warmup)
         self.unbiased_variance = bool(unbiased_variance)
+        self.synchronized = bool(synchronized)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -182,7 +185,8 @@ class BatchNormalization(keras.layers.Layer):
             x, training, self.gamma, self.beta, self.moving_mean,
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
             axis=self._axis, unbiased_variance=self.unbiased_variance,
-            num_updates=self.num_updates if self.warmup else None)
+            num_updates=self.num_updates if self.warmup else None,
+            synchronized=self.synchronized)
 
     def _masked_call(self, x, training, mask):
         """Training (or a bool tensor) with a mask: statistics over the
@@ -251,5 +255,6 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "warmup": self.warmup,
             "unbiased_variance": self.unbiased_variance,
+            "synchronized": self.synchronized,
         }
         return {**super().get_config(), **config}

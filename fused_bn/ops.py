@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
+from . import _distribute
 from ._loader import ops as _ops
 
 _X_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -91,12 +92,16 @@ def _check_param(value, name, dtype, channels):
     return t
 
 
-def _variable_handle(var, name, dtype, shape):
-    """The resource handle of a tf.Variable or Keras variable, checked."""
+def _variable(var, name, dtype, shape):
+    """The resource tf.Variable of a tf.Variable or Keras variable, checked.
+
+    Distributed (tf.distribute) variables are returned whole: their handle
+    depends on the context (`_distribute.handles`).
+    """
     inner = var
-    if not hasattr(inner, "handle") and hasattr(inner, "value"):
+    if not isinstance(inner, tf.Variable) and hasattr(inner, "value"):
         inner = inner.value
-    if not hasattr(inner, "handle") or not isinstance(
+    if not isinstance(inner, tf.distribute.DistributedValues) and not isinstance(
             getattr(inner, "handle", None), tf.Tensor):
         raise TypeError(
             f"{name} must be a resource tf.Variable (updated in place), got "
@@ -112,7 +117,20 @@ def _variable_handle(var, name, dtype, shape):
                 and vshape[0] != shape[0]):
             want = "a scalar" if not shape else f"shape [{shape[0]}]"
             raise ValueError(f"{name} must have {want}, got shape {vshape}")
-    return inner.handle
+    return inner
+
+
+def _variable_handle(var, name, dtype, shape):
+    """The resource handle the op reads var through, checked (in a replica
+    context: the replica's own component)."""
+    return _distribute.handles(_variable(var, name, dtype, shape), name,
+                               write=False)[0]
+
+
+def _update_handles(var, name, dtype, shape):
+    """The resource handles of every copy of var an in-place update writes."""
+    return _distribute.handles(_variable(var, name, dtype, shape), name,
+                               write=True)
 
 
 def _check_momentum(momentum):
@@ -168,7 +186,8 @@ def _check_moving_args(moving_mean, moving_variance, num_updates, training_value
 
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
-               unbiased_variance=True, num_updates=None, name=None):
+               unbiased_variance=True, num_updates=None, synchronized=False,
+               name=None):
     """Batch normalization, train and test in one call.
 
     Args:
@@ -191,12 +210,19 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
       num_updates: optional int64 scalar variable: warm-up counter. When
         given, m = min(momentum, t / (t + 1)) at update t (its value before
         the update), and it is incremented in place.
+      synchronized: in a tf.distribute replica context, normalize with the
+        statistics of the global batch (all replicas and workers) instead
+        of this replica's. Either way the moving statistics are updated
+        with the global batch's, identically on every replica (see
+        `fused_bn/_distribute.py`). Outside a replica context, or with one
+        replica, it changes nothing.
       name: op name.
 
     Returns:
       y, with x's shape and dtype; differentiable w.r.t. x, scale, offset.
     """
     with tf.name_scope(name or "batch_norm"):
+        _distribute.check_strategy()
         x = _check_x(x)
         data_format = _data_format(x, axis)
         u = _stat_dtype(x.dtype)
@@ -205,12 +231,35 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
+        if not isinstance(synchronized, (bool, np.bool_)):
+            raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
+        cs = c if isinstance(c, int) else None
+        if training_value is not False:
+            variables = None
+            if moving_mean is not None:
+                variables = (
+                    _variable(moving_mean, "moving_mean", u, [cs]),
+                    _variable(moving_variance, "moving_variance", u, [cs]),
+                    None if num_updates is None else
+                    _variable(num_updates, "num_updates", tf.int64, []))
+            if _distribute.replica_context() is not None or (
+                    variables and len(_distribute.handles(
+                        variables[0], "moving_mean", write=True)) > 1):
+                return _distribute.batch_norm(
+                    x, True if training_value else training_t,
+                    tf.ones([c], u) if scale is None
+                    else _check_param(scale, "scale", u, c),
+                    tf.zeros([c], u) if offset is None
+                    else _check_param(offset, "offset", u, c),
+                    variables, u=u, c=c, data_format=data_format,
+                    momentum=momentum, epsilon=epsilon,
+                    unbiased_variance=bool(unbiased_variance),
+                    synchronized=bool(synchronized))
         count = _static_count(x, data_format)
         if training_value is True and count is not None and count < 2:
             raise ValueError(
                 "training needs at least 2 values per channel to compute batch "
                 f"statistics, got {count} for x of shape {x.shape}")
-        cs = c if isinstance(c, int) else None
         scale = (tf.ones([c], u) if scale is None
                  else _check_param(scale, "scale", u, c))
         offset = (tf.zeros([c], u) if offset is None
@@ -275,8 +324,14 @@ def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
     `count` is the number of values each channel's statistics were reduced
     over (for the Bessel factor count / (count - 1)). Returns the op (None
     in eager mode).
+
+    In a tf.distribute replica context each replica updates its own
+    component with the statistics it is given: give statistics that are
+    equal on every replica (e.g. all-reduced), or the components diverge.
+    In a cross-replica context every local component is updated.
     """
     with tf.name_scope(name or "update_moving_stats"):
+        _distribute.check_strategy()
         momentum = _check_momentum(momentum)
         mean = tf.convert_to_tensor(mean)
         u = mean.dtype
@@ -293,19 +348,29 @@ def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
             raise ValueError(
                 f"count must be >= {2 if unbiased_variance else 1}, got {count}")
         count = tf.cast(count, tf.int64)
-        counters = []
+        means = _update_handles(moving_mean, "moving_mean", u, [c])
+        variances = _update_handles(moving_variance, "moving_variance", u, [c])
+        counters = [[]] * len(means)
         if num_updates is not None:
-            counters = [_variable_handle(num_updates, "num_updates", tf.int64, [])]
-        return _ops.fused_bn_update_moving_stats(
-            moving_mean=_variable_handle(moving_mean, "moving_mean", u, [c]),
-            moving_variance=_variable_handle(moving_variance, "moving_variance", u, [c]),
-            num_updates=counters, mean=mean, variance=variance, count=count,
-            momentum=momentum, unbiased_variance=bool(unbiased_variance))
+            counters = [[h] for h in _update_handles(
+                num_updates, "num_updates", tf.int64, [])]
+        if not len(means) == len(variances) == len(counters):
+            raise ValueError(
+                "moving_mean, moving_variance and num_updates must be created "
+                "under the same strategy")
+        updates = [
+            _ops.fused_bn_update_moving_stats(
+                moving_mean=mh, moving_variance=vh, num_updates=ch, mean=mean,
+                variance=variance, count=count, momentum=momentum,
+                unbiased_variance=bool(unbiased_variance))
+            for mh, vh, ch in zip(means, variances, counters)]
+        return updates[0] if len(updates) == 1 else tf.group(*updates)
 
 
 def _broadcast_stat(v, x, data_format):
-    """Reshapes a [C] vector to broadcast against x."""
-    if data_format == "channels_last":
+    """Reshapes a [C] vector to broadcast against x (data_format: str, or
+    bytes as graph-mode `op.get_attr` gives it)."""
+    if data_format in ("channels_last", b"channels_last"):
         return v
     return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(x) - 2], tf.int32)], 0))
 

@@ -8,6 +8,7 @@ statistics and counter updated with assigns.
 """
 import tensorflow as tf
 
+from . import _distribute
 from .ops import (_broadcast_stat, _check_epsilon, _check_momentum,
                   _check_moving_args, _check_training, _check_x, _data_format,
                   _stat_dtype)
@@ -28,15 +29,20 @@ def _read(var, dtype):
 
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
-               unbiased_variance=True, num_updates=None, name=None, mask=None):
+               unbiased_variance=True, num_updates=None, synchronized=False,
+               name=None, mask=None):
     """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring).
 
     mask: optional, as `fused_bn.BatchNormalization` takes it (see
     `masked_moments`): training uses the statistics of the unmasked
     positions; a batch with fewer than 2 of them in a channel leaves the
     moving statistics and counter unchanged. Inference ignores it.
+
+    It has no tf.distribute path: training under XLA in a replica context
+    with more than one replica raises (compile without XLA there).
     """
     with tf.name_scope(name or "batch_norm_reference"):
+        _distribute.check_strategy()
         x = _check_x(x)
         data_format = _data_format(x, axis)
         if mask is not None:
@@ -45,6 +51,13 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
+        if (training_value is not False and in_xla_context()
+                and _distribute.replica_context() is not None):
+            raise ValueError(
+                "fused_bn under XLA (jit_compile=True) does not train in a "
+                "tf.distribute replica context with more than one replica "
+                f"(synchronized={synchronized!r}); compile the step without "
+                "XLA")
         u = _stat_dtype(x.dtype)
         rank = x.shape.rank
         channel_axis = rank - 1 if data_format == "channels_last" else 1

@@ -77,6 +77,24 @@ def test_backward_without_dx(k):
     ku.check_backward(k, ku.NumpyBuffers(), "float32", (5, 7, 3), True, with_dx=False)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_apply_from_given_sums(k, buffers, dtype, shape):
+    ku.check_backward_apply(k, buffers, dtype, shape)
+
+
+def test_backward_apply_checks_its_arguments(k):
+    b = ku.NumpyBuffers()
+    v = b.put(np.ones(3, np.float32))
+    x = b.put(np.ones((4, 3, 1), np.float32))
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        k.backward_apply("float32", 4, 3, 1, b.ptr(x), b.ptr(x), b.ptr(v), b.ptr(v),
+                         b.ptr(v), b.ptr(v), 0, b.ptr(x))
+    with pytest.raises(ValueError, match="sum_dy_xhat must not be 0"):
+        k.backward_apply("float32", 4, 3, 1, b.ptr(x), b.ptr(x), b.ptr(v), b.ptr(v),
+                         b.ptr(v), 0, 5, b.ptr(x))
+
+
 # Outputs of 4 MB and more whose rows are whole 64-byte lines are written
 # with non-temporal stores (bn_cpu.cc, kStreamBytes).
 STREAMED = [(2048, 1024, 1), (8, 64, 4096)]

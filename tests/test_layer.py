@@ -346,8 +346,6 @@ def test_accepts_a_keras_config():
 
 
 def test_unsupported_options_are_clear_errors():
-    with pytest.raises(ValueError, match="synchronized"):
-        fused_bn.BatchNormalization(synchronized=True)
     with pytest.raises(ValueError, match="renorm"):
         fused_bn.BatchNormalization(renorm=True)
     with pytest.raises(ValueError, match="axis"):

@@ -112,6 +112,11 @@ struct ForwardParams {
 //   training: dx = scale * inv_std * (dy - doffset / m - x_hat * dscale / m)
 //   frozen:   dx = scale * inv_std * dy
 // dx has x's dtype; dx may be nullptr (only dscale/doffset wanted).
+// Given sums (sum_dy and sum_dy_xhat, both or neither; training only): the
+// reduction is skipped and dx uses them in place of doffset and dscale, with
+// m = count: the dx of a batch norm whose statistics span more values than x
+// (sync BN: the sums and count of the global batch). dscale and doffset are
+// not written then.
 struct BackwardParams {
   DType dtype = DType::kFloat32;
   Shape shape;
@@ -124,8 +129,26 @@ struct BackwardParams {
   void* dx = nullptr;
   void* dscale = nullptr;
   void* doffset = nullptr;
+  const void* sum_dy = nullptr;       // [C, U] given sums, with sum_dy_xhat
+  const void* sum_dy_xhat = nullptr;  // [C, U]
+  int64_t count = 0;                  // values per channel the sums span
   void* workspace = nullptr;  // CUDA only: backward_workspace_bytes()
 };
+
+// BackwardParams' given-sums mode is complete and consistent.
+inline Status check_given_sums(const BackwardParams& p) {
+  if ((p.sum_dy == nullptr) != (p.sum_dy_xhat == nullptr)) {
+    return Status::Error("backward: give both sum_dy and sum_dy_xhat or neither");
+  }
+  if (p.sum_dy && !p.training) {
+    return Status::Error("backward: given sums need training");
+  }
+  if (p.sum_dy && p.count < 1) {
+    return Status::Error("backward: count must be >= 1 with given sums, got " +
+                         std::to_string(p.count));
+  }
+  return Status::Ok();
+}
 
 inline size_t stat_bytes(DType t) {
   return t == DType::kFloat64 ? sizeof(double) : sizeof(float);

@@ -779,38 +779,43 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   const U* mean = static_cast<const U*>(p.saved_mean);
   const U* inv_std = static_cast<const U*>(p.saved_inv_std);
   const U* scale = static_cast<const U*>(p.scale);
-  const Blocks g(s);
-  std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
-  const int64_t units = g.units(s);
-  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
-  pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
-    for_units(s, g, u0, u1, [&](const Unit& u) {
-      block_grad_sums(s, u, dy, x, mean, pdy.data(), pdyx.data());
-    });
-  });
-  // Sum the block partials in block order, in double.
+  const U* given_dy = static_cast<const U*>(p.sum_dy);
+  const U* given_dyxh = static_cast<const U*>(p.sum_dy_xhat);
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
-  const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
-  run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 16,
-     [&](int64_t t0, int64_t t1) {
-       for (int64_t t = t0; t < t1; ++t) {
-         const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
-         for (int64_t b = 0; b < g.row_blocks; ++b) {
-           for (int64_t c = c0; c < c1; ++c) {
-             sum_dy[c] += pdy[b * C + c];
-             sum_dyx[c] += pdyx[b * C + c];
+  if (!given_dy) {
+    const Blocks g(s);
+    std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
+    const int64_t units = g.units(s);
+    const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
+    pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
+      for_units(s, g, u0, u1, [&](const Unit& u) {
+        block_grad_sums(s, u, dy, x, mean, pdy.data(), pdyx.data());
+      });
+    });
+    // Sum the block partials in block order, in double.
+    const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
+    run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 16,
+       [&](int64_t t0, int64_t t1) {
+         for (int64_t t = t0; t < t1; ++t) {
+           const int64_t c0 = t * kMergeTile, c1 = std::min(C, c0 + kMergeTile);
+           for (int64_t b = 0; b < g.row_blocks; ++b) {
+             for (int64_t c = c0; c < c1; ++c) {
+               sum_dy[c] += pdy[b * C + c];
+               sum_dyx[c] += pdyx[b * C + c];
+             }
            }
          }
-       }
-     });
-  U* dscale = static_cast<U*>(p.dscale);
-  U* doffset = static_cast<U*>(p.doffset);
+       });
+  }
+  U* dscale = given_dy ? nullptr : static_cast<U*>(p.dscale);
+  U* doffset = given_dy ? nullptr : static_cast<U*>(p.doffset);
   // dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
   std::vector<A> k_dy(C), k_x(C), k_0(C), m(C);
-  const double n = double(s.count());
+  const double n = double(given_dy ? p.count : s.count());
   for (int64_t c = 0; c < C; ++c) {
     const double r = double(inv_std[c]);
-    const double ds = sum_dyx[c] * r;
+    if (given_dy) sum_dy[c] = double(given_dy[c]);
+    const double ds = given_dy ? double(given_dyxh[c]) : sum_dyx[c] * r;
     if (dscale) dscale[c] = U(ds);
     if (doffset) doffset[c] = U(sum_dy[c]);
     const double kd = (scale ? double(scale[c]) : 1.0) * r;
@@ -918,6 +923,8 @@ Status forward(const ForwardParams& p, const ParallelFor& pf) {
 
 Status backward(const BackwardParams& p, const ParallelFor& pf) {
   if (p.shape.channels == 0) return Status::Ok();  // nothing to do
+  Status st = check_given_sums(p);
+  if (!st.ok()) return st;
   return dispatch(p.dtype, [&](auto t, auto u) {
     return backward_impl<decltype(t), decltype(u)>(p, pf);
   });

@@ -164,6 +164,19 @@ struct Final {
   float* coef = nullptr;  // [3, C]: k_dy, k_x, k_0 for the dx pass
 };
 
+// The backward's per-channel outputs from sum(dy) = sd and
+// sum(dy * x_hat) = ds over f.count values.
+__device__ void grad_coef(const Final& f, int64_t c, double sd, double ds) {
+  const double n = double(f.count);
+  const double r = f.grad_inv_std[c];
+  if (f.dscale) f.dscale[c] = float(ds);
+  if (f.doffset) f.doffset[c] = float(sd);
+  const double kd = (f.scale ? double(f.scale[c]) : 1.0) * r;
+  f.coef[c] = float(kd);
+  f.coef[f.C + c] = f.training ? float(-kd * r * ds / n) : 0.f;
+  f.coef[2 * f.C + c] = f.training ? float(-kd * sd / n) : 0.f;
+}
+
 template <Kind K>
 __device__ void finalize(const Final& f, int64_t c, double a, double b) {
   const double n = double(f.count);
@@ -186,15 +199,17 @@ __device__ void finalize(const Final& f, int64_t c, double a, double b) {
           float(double(f.moving_var[c]) * m + var * bessel * (1.0 - m));
     }
   } else {
-    const double r = f.grad_inv_std[c];
-    const double ds = b * r;
-    if (f.dscale) f.dscale[c] = float(ds);
-    if (f.doffset) f.doffset[c] = float(a);
-    const double kd = (f.scale ? double(f.scale[c]) : 1.0) * r;
-    f.coef[c] = float(kd);
-    f.coef[f.C + c] = f.training ? float(-kd * r * ds / n) : 0.f;
-    f.coef[2 * f.C + c] = f.training ? float(-kd * a / n) : 0.f;
+    grad_coef(f, c, a, b * double(f.grad_inv_std[c]));
   }
+}
+
+// The backward's coefficients from given global sums (no reduction): thread
+// c of the grid handles channel c.
+__global__ void __launch_bounds__(kThreads)
+    given_sums_kernel(const Final f, const float* sum_dy,
+                      const float* sum_dy_xhat) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < f.C) grad_coef(f, c, sum_dy[c], sum_dy_xhat[c]);
 }
 
 // ---------------------------------------------------------------- reduce
@@ -908,6 +923,8 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
         "backward: dy, x, saved_mean and saved_inv_std are required");
   }
   if (!p.workspace) return Status::Error("backward: workspace is required");
+  st = check_given_sums(p);
+  if (!st.ok()) return st;
   return dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     float* coef = static_cast<float*>(p.workspace);
@@ -918,12 +935,25 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
     r.f.grad_inv_std = static_cast<const float*>(p.saved_inv_std);
     r.f.scale = static_cast<const float*>(p.scale);
     r.f.training = p.training;
-    r.f.dscale = static_cast<float*>(p.dscale);
-    r.f.doffset = static_cast<float*>(p.doffset);
     r.f.coef = coef;
-    char* partials = static_cast<char*>(p.workspace) +
-                     align256(3 * p.shape.channels * sizeof(float));
-    Status s = run_reduce<T, Kind::kGrad>(p.shape, p.dtype, r, partials, stream);
+    Status s;
+    if (p.sum_dy) {
+      // Given sums: one small launch for the coefficients, then the dx pass.
+      if (!p.dx) return s;
+      r.f.C = p.shape.channels;
+      r.f.count = p.count;
+      launch<given_sums_kernel>(
+          unsigned(ceil_div(p.shape.channels, kThreads)), kThreads, 0, stream,
+          r.f, static_cast<const float*>(p.sum_dy),
+          static_cast<const float*>(p.sum_dy_xhat));
+      s = check_launch("backward coefficients");
+    } else {
+      r.f.dscale = static_cast<float*>(p.dscale);
+      r.f.doffset = static_cast<float*>(p.doffset);
+      char* partials = static_cast<char*>(p.workspace) +
+                       align256(3 * p.shape.channels * sizeof(float));
+      s = run_reduce<T, Kind::kGrad>(p.shape, p.dtype, r, partials, stream);
+    }
     if (!s.ok() || !p.dx) return s;
     ApplyArgs a;
     a.x = p.x;

@@ -421,4 +421,55 @@ PYBIND11_MODULE(_kernels, m) {
         "The error the CUDA ops raise when a driver supporting CUDA "
         "`driver_version` cannot run kernels built with CUDA runtime "
         "`runtime_version` (both 1000 * major + 10 * minor), or \"\".");
+
+  m.def(
+      "backward_apply",
+      [](const std::string& dtype, int64_t outer, int64_t channels,
+         int64_t inner, uintptr_t dy, uintptr_t x, uintptr_t saved_mean,
+         uintptr_t saved_inv_std, uintptr_t sum_dy, uintptr_t sum_dy_xhat,
+         int64_t count, uintptr_t dx, uintptr_t scale,
+         const std::string& device, uintptr_t stream, uintptr_t workspace,
+         int threads) {
+        BackwardParams p;
+        p.dtype = parse_dtype(dtype);
+        p.shape = make_shape(outer, channels, inner);
+        require(dy, "dy");
+        require(x, "x");
+        require(saved_mean, "saved_mean");
+        require(saved_inv_std, "saved_inv_std");
+        require(sum_dy, "sum_dy");
+        require(sum_dy_xhat, "sum_dy_xhat");
+        require(dx, "dx");
+        if (count < 1) throw py::value_error("count must be >= 1");
+        p.dy = ptr(dy);
+        p.x = ptr(x);
+        p.saved_mean = ptr(saved_mean);
+        p.saved_inv_std = ptr(saved_inv_std);
+        p.scale = ptr(scale);
+        p.sum_dy = ptr(sum_dy);
+        p.sum_dy_xhat = ptr(sum_dy_xhat);
+        p.count = count;
+        p.dx = ptr(dx);
+        p.workspace = ptr(workspace);
+        const Device d = parse_device(device);
+        (void)stream;
+        run(
+            d, [&] { return cpu::backward(p, thread_pool(threads)); },
+            [&] {
+#ifdef FUSED_BN_WITH_CUDA
+              return cuda::backward(p, as_stream(stream));
+#else
+              return no_cuda();
+#endif
+            });
+      },
+      py::arg("dtype"), py::arg("outer"), py::arg("channels"),
+      py::arg("inner"), py::arg("dy"), py::arg("x"), py::arg("saved_mean"),
+      py::arg("saved_inv_std"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
+      py::arg("count"), py::arg("dx"), py::arg("scale") = 0,
+      py::arg("device") = "cpu", py::arg("stream") = 0,
+      py::arg("workspace") = 0, py::arg("threads") = 1,
+      "Training dx of backward() from given sums over `count` values per "
+      "channel (sync BN: the all-reduced sum(dy), sum(dy * x_hat) and the "
+      "global count); no reduction. backward(dx=0) gives the local sums.");
 }

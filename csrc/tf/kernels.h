@@ -483,6 +483,114 @@ class UpdateMovingStatsOp : public OpKernel {
   bool unbiased_;
 };
 
+// The backward split at its reduction, for sync BN (fused_bn/_distribute.py):
+// BackwardReduce gives the local sums, which are all-reduced, and
+// BackwardApply the dx pass from the global sums and count.
+template <typename Device, typename T, typename U>
+class BackwardReduceOp : public OpKernel {
+ public:
+  explicit BackwardReduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("data_format", &format_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    kernels::Shape shape;
+    OP_REQUIRES_OK(ctx, ShapeOf(x, format_, &shape));
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                errors::InvalidArgument("dy must have x's shape ",
+                                        x.shape().DebugString(), ", got ",
+                                        dy.shape().DebugString()));
+    const int64_t c = shape.channels;
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "mean", c));
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "inv_std", c));
+    Tensor *sum_dy, *sum_dy_xhat;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({c}), &sum_dy));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &sum_dy_xhat));
+    if (c == 0) return;
+    kernels::BackwardParams p;
+    p.dtype = DTypeOf<T>();
+    p.shape = shape;
+    p.dy = dy.data();
+    p.x = x.data();
+    p.saved_mean = ctx->input(2).data();
+    p.saved_inv_std = ctx->input(3).data();
+    p.dscale = sum_dy_xhat->data();
+    p.doffset = sum_dy->data();
+    OP_REQUIRES_OK(ctx, Backend<Device>::Backward(ctx, p));
+  }
+
+ private:
+  std::string format_;
+};
+
+template <typename Device, typename T, typename U>
+class BackwardApplyOp : public OpKernel {
+ public:
+  explicit BackwardApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("data_format", &format_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    kernels::Shape shape;
+    OP_REQUIRES_OK(ctx, ShapeOf(x, format_, &shape));
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                errors::InvalidArgument("dy must have x's shape ",
+                                        x.shape().DebugString(), ", got ",
+                                        dy.shape().DebugString()));
+    const int64_t c = shape.channels;
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "scale", c));
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "mean", c));
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(4), "inv_std", c));
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(5), "sum_dy", c));
+    OP_REQUIRES_OK(ctx, CheckVector(ctx->input(6), "sum_dy_xhat", c));
+    const Tensor& count = ctx->input(7);
+    OP_REQUIRES(ctx, count.dims() == 0,
+                errors::InvalidArgument("count must be a scalar, got shape ",
+                                        count.shape().DebugString()));
+    const int64_t n = count.scalar<int64_t>()();
+    OP_REQUIRES(ctx, n >= 1,
+                errors::InvalidArgument(
+                    "count must be >= 1 (values per channel the sums span), "
+                    "got ", n));
+    Tensor* dx;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
+    if (c == 0) return;
+    kernels::BackwardParams p;
+    p.dtype = DTypeOf<T>();
+    p.shape = shape;
+    p.dy = dy.data();
+    p.x = x.data();
+    p.scale = ctx->input(2).data();
+    p.saved_mean = ctx->input(3).data();
+    p.saved_inv_std = ctx->input(4).data();
+    p.sum_dy = ctx->input(5).data();
+    p.sum_dy_xhat = ctx->input(6).data();
+    p.count = n;
+    p.dx = dx->data();
+    OP_REQUIRES_OK(ctx, Backend<Device>::Backward(ctx, p));
+  }
+
+ private:
+  std::string format_;
+};
+
+#define FUSED_BN_REGISTER_SPLIT_BACKWARD(DEVICE, DEV_T, T, U)  \
+  REGISTER_KERNEL_BUILDER(Name("FusedBn>BackwardReduce")       \
+                              .Device(DEVICE)                  \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<U>("U"),         \
+                          BackwardReduceOp<DEV_T, T, U>);      \
+  REGISTER_KERNEL_BUILDER(Name("FusedBn>BackwardApply")        \
+                              .Device(DEVICE)                  \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<U>("U")          \
+                              .HostMemory("count"),            \
+                          BackwardApplyOp<DEV_T, T, U>)
+
 // Registers every op for one device. HOST is HostMemory on GPU, a no-op
 // marker on CPU.
 #define FUSED_BN_REGISTER_TU(DEVICE, DEV_T, T, U)                             \

@@ -99,6 +99,9 @@ struct Backend<GPUDevice> {
 FUSED_BN_REGISTER_TU(DEVICE_GPU, GPUDevice, Eigen::half, float);
 FUSED_BN_REGISTER_TU(DEVICE_GPU, GPUDevice, bfloat16, float);
 FUSED_BN_REGISTER_TU(DEVICE_GPU, GPUDevice, float, float);
+FUSED_BN_REGISTER_SPLIT_BACKWARD(DEVICE_GPU, GPUDevice, Eigen::half, float);
+FUSED_BN_REGISTER_SPLIT_BACKWARD(DEVICE_GPU, GPUDevice, bfloat16, float);
+FUSED_BN_REGISTER_SPLIT_BACKWARD(DEVICE_GPU, GPUDevice, float, float);
 FUSED_BN_REGISTER_U(DEVICE_GPU, GPUDevice, float);
 
 }  // namespace fused_bn_tf

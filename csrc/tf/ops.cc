@@ -119,6 +119,65 @@ REGISTER_OP("FusedBn>ForwardGrad")
       return absl::OkStatus();
     });
 
+REGISTER_OP("FusedBn>BackwardReduce")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("mean: U")
+    .Input("inv_std: U")
+    .Output("sum_dy: U")
+    .Output("sum_dy_xhat: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double}")
+    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .SetShapeFn([](InferenceContext* c) {
+      DimensionHandle ch;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 1, &ch));
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &x));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 2, "mean", &ch));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 3, "inv_std", &ch));
+      c->set_output(0, c->Vector(ch));
+      c->set_output(1, c->Vector(ch));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The backward's reduction alone: per channel sum(dy) and
+sum(dy * (x - mean) * inv_std), over this x only (sync BN all-reduces them).
+)doc");
+
+REGISTER_OP("FusedBn>BackwardApply")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("scale: U")
+    .Input("mean: U")
+    .Input("inv_std: U")
+    .Input("sum_dy: U")
+    .Input("sum_dy_xhat: U")
+    .Input("count: int64")
+    .Output("dx: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double}")
+    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .SetShapeFn([](InferenceContext* c) {
+      DimensionHandle ch;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 1, &ch));
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &x));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 2, "scale", &ch));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 3, "mean", &ch));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 4, "inv_std", &ch));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 5, "sum_dy", &ch));
+      TF_RETURN_IF_ERROR(ChannelVector(c, 6, "sum_dy_xhat", &ch));
+      TF_RETURN_IF_ERROR(Scalar(c, 7, "count"));
+      c->set_output(0, x);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The training backward's dx pass from given sums over `count` values per
+channel (sync BN: the all-reduced sums and the global count):
+dx = scale * inv_std * (dy - sum_dy / count - x_hat * sum_dy_xhat / count).
+)doc");
+
 REGISTER_OP("FusedBn>Moments")
     .Input("x: T")
     .Output("mean: U")

@@ -11,7 +11,7 @@ _v1 = tf.compat.v1
 
 def batch_norm(x, training, scope=None, warmup=True, *, momentum=0.99,
                epsilon=1e-3, center=True, scale=True, axis=-1,
-               unbiased_variance=True, name=None):
+               unbiased_variance=True, synchronized=False, name=None):
     """Batch norm whose variables live in a variable scope.
 
     Creates or reuses (AUTO_REUSE) `gamma`, `beta`, `moving_mean`,
@@ -22,7 +22,8 @@ def batch_norm(x, training, scope=None, warmup=True, *, momentum=0.99,
     `tf.compat.v1.train.Saver()` saves them. They are updated by the op
     itself when `training` is true at run time: nothing to add to
     UPDATE_OPS, no control dependencies. `training` may be a Python bool or
-    a bool placeholder.
+    a bool placeholder. `synchronized` is `fused_bn.batch_norm`'s (global-batch
+    statistics across tf.distribute replicas).
     """
     x = _check_x(x)
     data_format = _data_format(x, axis)
@@ -53,4 +54,5 @@ def batch_norm(x, training, scope=None, warmup=True, *, momentum=0.99,
         return _batch_norm(
             x, training, gamma, beta, moving_mean, moving_variance,
             momentum=momentum, epsilon=epsilon, axis=axis,
-            unbiased_variance=unbiased_variance, num_updates=counter, name=name)
+            unbiased_variance=unbiased_variance, num_updates=counter,
+            synchronized=synchronized, name=name)

@@ -474,6 +474,20 @@ void run_case(const Case& k, uint64_t seed) {
     check(bt + " threaded status", cpu::backward(p, Threaded(4)).ok());
     check(bt + " bitwise serial == threaded",
           dx.bytes == dx2.bytes && dscale == ds2 && doffset == do2);
+    // Given sums (sync BN's dx pass) with the sums just reduced and count n:
+    // the same dx, to the sums' rounding to U.
+    Buf dx3(t, size);
+    if (training) {
+      fused_bn::BackwardParams q = p;
+      q.dx = dx3.data();
+      q.dscale = q.doffset = nullptr;
+      q.sum_dy = doffset.data();
+      q.sum_dy_xhat = dscale.data();
+      q.count = n;
+      check(bt + " given sums status", cpu::backward(q, Threaded(3)).ok());
+      q.count = 0;
+      check(bt + " given sums count 0 fails", !cpu::backward(q, cpu::Serial()).ok());
+    }
     for (int64_t c = 0; c < C; ++c) {
       double sdy = 0, sdyx = 0, adyx = 0, ady = 0;
       for (int64_t o = 0; o < s.outer; ++o)
@@ -501,6 +515,11 @@ void run_case(const Case& k, uint64_t seed) {
           const double tol = 2 * es * (std::fabs(want) + 1e-3 * kd) + g * ea * mag * xscale;
           if (std::fabs(dx.get(j) - want) > tol || std::isnan(dx.get(j))) {
             check_close(bt + " dx[" + std::to_string(j) + "]", dx.get(j), want, tol);
+            reported = true;
+            break;
+          }
+          if (training && (std::fabs(dx3.get(j) - want) > tol || std::isnan(dx3.get(j)))) {
+            check_close(bt + " given sums dx[" + std::to_string(j) + "]", dx3.get(j), want, tol);
             reported = true;
             break;
           }

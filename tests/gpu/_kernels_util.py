@@ -476,3 +476,41 @@ def check_backward(k, b, dtype, shape, training, offset=0, with_dx=True, seed=0)
                 scale=float((np.abs(dyf) * xh).sum(axis=(0, 2)).max()))
     if with_dx:
         assert_out(out["dx"], dx, dtype, "dx")
+
+
+def check_backward_apply(k, b, dtype, shape, offset=0, seed=0):
+    """dx from given sums over a count bigger than x's (sync BN's global
+    sums), against float64; and backward_apply with backward()'s own sums
+    and count gives backward()'s dx."""
+    x = make_x(shape, dtype, seed)
+    rng = np.random.default_rng(seed + 5)
+    dy = quantize(rng.standard_normal(shape), dtype)
+    c = shape[1]
+    u = stat_dtype(dtype)
+    local = shape[0] * shape[2]
+    count = 4 * local + 3
+    sums = [(rng.standard_normal(c) * count ** 0.5).astype(u) for _ in range(2)]
+    (local_out, (sm, sr, scale)) = run_backward(k, b, dtype, shape, x, dy, True,
+                                                offset, True, seed)
+    xb, dyb = b.put(x, offset, dtype), b.put(dy, offset, dtype)
+    smb, srb, scb = b.put(sm), b.put(sr), b.put(scale)
+    ws = b.workspace(k.backward_workspace_bytes(dtype, *shape))
+    for s_dy, s_dyxh, n, want in [
+            (sums[0], sums[1], count, None),
+            (local_out["doffset"], local_out["dscale"], local, local_out["dx"])]:
+        dxb = b.put(np.zeros_like(x), offset, dtype)
+        sdb, sxb = b.put(np.asarray(s_dy, u)), b.put(np.asarray(s_dyxh, u))
+        k.backward_apply(dtype, *shape, b.ptr(dyb), b.ptr(xb), b.ptr(smb), b.ptr(srb),
+                         b.ptr(sdb), b.ptr(sxb), n, b.ptr(dxb), scale=b.ptr(scb),
+                         device=b.device, workspace=b.ptr(ws), **b.extra())
+        got = b.get(dxb)
+        if want is not None:
+            # backward()'s own sums (rounded to U) and count: its dx.
+            assert_out(got, np.asarray(want, np.float64), dtype, "dx from local sums")
+            continue
+        f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        inv = f(sr)[None, :, None]
+        xhat = (f(x) - f(sm)[None, :, None]) * inv
+        ref = (f(scale)[None, :, None] * inv
+               * (f(dy) - f(s_dy)[None, :, None] / n - xhat * f(s_dyxh)[None, :, None] / n))
+        assert_out(got, ref, dtype, "dx from given sums")
