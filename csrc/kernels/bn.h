@@ -52,6 +52,10 @@ struct MomentsParams {
 
 // y = x * a + b with a = scale * rsqrt(var + epsilon), b = offset - mean * a.
 // scale == nullptr means 1, offset == nullptr means 0.
+// The epilogue: side_input (x's dtype and layout) is added and relu applied
+// in the accumulation type before y is rounded once:
+//   y = relu((x - mean) * a + offset + side_input).
+// relu(v) is 0 for v < 0 and v otherwise (NaN stays NaN).
 struct NormalizeParams {
   DType dtype = DType::kFloat32;
   Shape shape;
@@ -62,6 +66,8 @@ struct NormalizeParams {
   const void* scale = nullptr;
   const void* offset = nullptr;
   double epsilon = 1e-3;
+  const void* side_input = nullptr;  // nullptr: none
+  bool relu = false;
 };
 
 // In-place moving-average update of [channels] statistics of type U:
@@ -88,6 +94,7 @@ struct UpdateParams {
 //   inference: y normalized with moving_mean / moving_var (required).
 // Always writes saved_mean and saved_inv_std = rsqrt(var + epsilon) [C, U],
 // the statistics y was normalized with: what the backward needs.
+// side_input and relu are NormalizeParams' epilogue; they change y only.
 struct ForwardParams {
   DType dtype = DType::kFloat32;
   Shape shape;
@@ -105,6 +112,8 @@ struct ForwardParams {
   void* saved_mean = nullptr;
   void* saved_inv_std = nullptr;
   void* workspace = nullptr;  // CUDA only: forward_workspace_bytes()
+  const void* side_input = nullptr;  // nullptr: none
+  bool relu = false;
 };
 
 // Backward of ForwardParams given dy. With x_hat = (x - saved_mean) * inv_std:
@@ -112,6 +121,12 @@ struct ForwardParams {
 //   training: dx = scale * inv_std * (dy - doffset / m - x_hat * dscale / m)
 //   frozen:   dx = scale * inv_std * dy
 // dx has x's dtype; dx may be nullptr (only dscale/doffset wanted).
+// Epilogue (relu): the forward's y is given and dy is replaced by
+// g = y > 0 ? dy : 0 everywhere above. dside (x's dtype), when given,
+// receives g: the gradient of side_input (dy itself without relu).
+// The reduction pass writes g (to dside, else to dx) and the dx pass reads
+// it back: 7 passes over x's size with a side input instead of the 8 of
+// masking dy in both passes.
 struct BackwardParams {
   DType dtype = DType::kFloat32;
   Shape shape;
@@ -125,6 +140,9 @@ struct BackwardParams {
   void* dscale = nullptr;
   void* doffset = nullptr;
   void* workspace = nullptr;  // CUDA only: backward_workspace_bytes()
+  const void* y = nullptr;  // relu: the forward's output
+  bool relu = false;
+  void* dside = nullptr;    // nullptr: not wanted
 };
 
 inline size_t stat_bytes(DType t) {
