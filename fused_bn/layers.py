@@ -5,7 +5,7 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from . import reference
-from .ops import batch_norm
+from .ops import _check_activation, batch_norm
 
 __all__ = ["BatchNormalization"]
 
@@ -27,6 +27,10 @@ class BatchNormalization(keras.layers.Layer):
       Bessel-corrected batch variance, as TF1's fused batch norm did. Keras
       uses the biased one: `warmup=False, unbiased_variance=False` matches
       `keras.layers.BatchNormalization` exactly.
+    - `activation=None` or `"relu"`, and the call argument `side_input` (a
+      tensor of the input's shape, e.g. a residual branch): the layer
+      returns `activation(bn(inputs) + side_input)`, computed inside the
+      normalize pass (a ResNet block's `add` + `relu` tail in one op).
 
     The op updates the moving statistics in place when it runs in training
     mode (no `add_update`, no assigns). `training=True` with
@@ -49,7 +53,7 @@ class BatchNormalization(keras.layers.Layer):
                  gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, synchronized=False, renorm=False,
                  renorm_clipping=None, renorm_momentum=0.99, warmup=True,
-                 unbiased_variance=True, **kwargs):
+                 unbiased_variance=True, activation=None, **kwargs):
         super().__init__(**kwargs)
         if keras.backend.backend() != "tensorflow":
             raise ValueError(
@@ -76,6 +80,8 @@ class BatchNormalization(keras.layers.Layer):
         self.scale = scale
         self.warmup = bool(warmup)
         self.unbiased_variance = bool(unbiased_variance)
+        _check_activation(activation)
+        self.activation = activation
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -151,7 +157,7 @@ class BatchNormalization(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, side_input=None):
         if mask is not None:
             raise NotImplementedError(
                 "fused_bn.BatchNormalization does not support masks; use "
@@ -159,12 +165,15 @@ class BatchNormalization(keras.layers.Layer):
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
+        if side_input is not None:
+            side_input = tf.cast(side_input, self.compute_dtype)
         fn = reference.batch_norm if reference.in_xla_context() else batch_norm
         return fn(
             x, training, self.gamma, self.beta, self.moving_mean,
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
             axis=self._axis, unbiased_variance=self.unbiased_variance,
-            num_updates=self.num_updates if self.warmup else None)
+            num_updates=self.num_updates if self.warmup else None,
+            side_input=side_input, activation=self.activation)
 
     def get_config(self):
         config = {
@@ -185,5 +194,6 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "warmup": self.warmup,
             "unbiased_variance": self.unbiased_variance,
+            "activation": self.activation,
         }
         return {**super().get_config(), **config}

@@ -165,9 +165,32 @@ def _check_moving_args(moving_mean, moving_variance, num_updates, training_value
             "is the Python value True (inference normalizes with them)")
 
 
+def _check_activation(activation):
+    """The ops' activation attr ('none' or 'relu') for None or "relu"."""
+    if not (activation is None or (isinstance(activation, str) and activation == "relu")):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return "relu" if activation == "relu" else "none"
+
+
+def _check_side_input(side_input, x):
+    """The ops' side_input list: [] for None, else [a tensor like x]."""
+    if side_input is None:
+        return []
+    if hasattr(side_input, "dtype") and tf.as_dtype(side_input.dtype) != x.dtype:
+        raise TypeError(
+            f"side_input must have x's dtype {x.dtype.name}, got "
+            f"{tf.as_dtype(side_input.dtype).name}")
+    side = tf.convert_to_tensor(side_input, dtype=x.dtype)
+    if not side.shape.is_compatible_with(x.shape):
+        raise ValueError(
+            f"side_input must have x's shape {x.shape}, got shape {side.shape}")
+    return [side]
+
+
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
-               unbiased_variance=True, num_updates=None, name=None):
+               unbiased_variance=True, num_updates=None, side_input=None,
+               activation=None, name=None):
     """Batch normalization, train and test in one call.
 
     Args:
@@ -190,10 +213,16 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
       num_updates: optional int64 scalar variable: warm-up counter. When
         given, m = min(momentum, t / (t + 1)) at update t (its value before
         the update), and it is incremented in place.
+      side_input: optional tensor of x's shape and dtype (e.g. a residual
+        branch), added to the normalized x.
+      activation: None or "relu", applied after side_input. The epilogue
+        `y = activation(bn(x) + side_input)` runs inside the normalize pass
+        (accumulation type, one rounding); the statistics are x's alone.
       name: op name.
 
     Returns:
-      y, with x's shape and dtype; differentiable w.r.t. x, scale, offset.
+      y, with x's shape and dtype; differentiable w.r.t. x, scale, offset
+      and side_input.
     """
     with tf.name_scope(name or "batch_norm"):
         x = _check_x(x)
@@ -204,6 +233,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
+        side = _check_side_input(side_input, x)
+        activation = _check_activation(activation)
         count = _static_count(x, data_format)
         if training_value is True and count is not None and count < 2:
             raise ValueError(
@@ -224,9 +255,10 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         y, _, _ = _ops.fused_bn_forward(
             x=x, scale=scale, offset=offset,
             moving_mean=moving[:1], moving_variance=moving[1:],
-            num_updates=counters, training=training_t,
+            num_updates=counters, side_input=side, training=training_t,
             epsilon=epsilon, momentum=momentum,
-            unbiased_variance=bool(unbiased_variance), data_format=data_format)
+            unbiased_variance=bool(unbiased_variance), data_format=data_format,
+            activation=activation)
         return y
 
 
@@ -246,10 +278,12 @@ def moments(x, axis=-1, name=None):
 
 
 def normalize(x, mean, variance, scale=None, offset=None, epsilon=1e-3,
-              axis=-1, name=None):
+              axis=-1, name=None, *, side_input=None, activation=None):
     """y = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel.
 
-    Differentiable w.r.t. x, mean, variance, scale and offset.
+    With the epilogue, y = activation(that + side_input): side_input has x's
+    shape and dtype, activation is None or "relu" (as in batch_norm).
+    Differentiable w.r.t. x, mean, variance, scale, offset and side_input.
     """
     with tf.name_scope(name or "normalize"):
         x = _check_x(x)
@@ -261,9 +295,13 @@ def normalize(x, mean, variance, scale=None, offset=None, epsilon=1e-3,
         variance = _check_param(variance, "variance", u, c)
         scale = tf.ones([c], u) if scale is None else _check_param(scale, "scale", u, c)
         offset = tf.zeros([c], u) if offset is None else _check_param(offset, "offset", u, c)
+        side = _check_side_input(side_input, x)
+        activation = _check_activation(activation)
         return _ops.fused_bn_normalize(x=x, mean=mean, variance=variance,
                                        scale=scale, offset=offset,
-                                       epsilon=epsilon, data_format=data_format)
+                                       side_input=side, epsilon=epsilon,
+                                       data_format=data_format,
+                                       activation=activation)
 
 
 def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
@@ -309,28 +347,56 @@ def _broadcast_stat(v, x, data_format):
     return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(x) - 2], tf.int32)], 0))
 
 
+# The epilogue y = activation(bn(x) + side_input) of Forward and Normalize,
+# in their gradients: ForwardGrad masks dy by y > 0 when the activation was
+# relu (given y) and returns the masked dy as dside when a side input was
+# given; without relu, d(side_input) is dy itself.
+def _relu(op):
+    return op.get_attr("activation") in (b"relu", "relu")
+
+
+def _epilogue_grad_args(op):
+    """ForwardGrad's y and num_dside for the gradient of op."""
+    relu = _relu(op)
+    return {"y": [op.outputs[0]] if relu else [],
+            "num_dside": op.get_attr("num_side") if relu else 0}
+
+
+def _side_input_grad(op, dy, dside):
+    """[d(side_input)] for op's side_input list ([] without one)."""
+    if op.get_attr("num_side") == 0:
+        return []
+    return list(dside) if _relu(op) else [dy]
+
+
 @tf.RegisterGradient("FusedBn>Forward")
 def _forward_grad(op, dy, _dmean, _dinv):
     x, scale = op.inputs[0], op.inputs[1]
     saved_mean, saved_inv_std = op.outputs[1], op.outputs[2]
-    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+    dx, dscale, doffset, dside = _ops.fused_bn_forward_grad(
         dy=dy, x=x, scale=scale, saved_mean=saved_mean,
         saved_inv_std=saved_inv_std, training=op.inputs[-1],
-        data_format=op.get_attr("data_format"))
-    return [dx, dscale, doffset] + [None] * (len(op.inputs) - 3)
+        data_format=op.get_attr("data_format"), **_epilogue_grad_args(op))
+    side_grad = _side_input_grad(op, dy, dside)
+    # Inputs: x, scale, offset, moving statistics and counter, side_input,
+    # training.
+    return ([dx, dscale, doffset] + [None] * (len(op.inputs) - 4 - len(side_grad))
+            + side_grad + [None])
 
 
 @tf.RegisterGradient("FusedBn>Normalize")
 def _normalize_grad(op, dy):
-    x, mean, variance, scale, _ = op.inputs
+    x, mean, variance, scale = op.inputs[:4]
     inv_std = tf.math.rsqrt(variance + tf.cast(op.get_attr("epsilon"), variance.dtype))
-    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+    dx, dscale, doffset, dside = _ops.fused_bn_forward_grad(
         dy=dy, x=x, scale=scale, saved_mean=mean, saved_inv_std=inv_std,
-        training=tf.constant(False), data_format=op.get_attr("data_format"))
-    # y = scale * (x - mean) * inv_std + offset; dscale = sum(dy * x_hat).
+        training=tf.constant(False), data_format=op.get_attr("data_format"),
+        **_epilogue_grad_args(op))
+    # y = scale * (x - mean) * inv_std + offset; dscale = sum(g * x_hat),
+    # doffset = sum(g) for the masked dy g.
     dmean = -scale * inv_std * doffset
     dvariance = -0.5 * scale * inv_std * inv_std * dscale
-    return [dx, dmean, dvariance, dscale, doffset]
+    return [dx, dmean, dvariance, dscale, doffset] + _side_input_grad(op, dy, dside)
 
 
 @tf.RegisterGradient("FusedBn>Moments")

@@ -3,13 +3,15 @@
 The path used where the custom op cannot run (XLA: a `tf.function` with
 `jit_compile=True`): the same arguments and variables as
 `fused_bn.batch_norm`, the same warm-up momentum and Bessel correction, a
-two-pass variance accumulated in float32 for half inputs, and the moving
+two-pass variance accumulated in float32 for half inputs, the epilogue
+(side input, relu) in float32 before one rounding, and the moving
 statistics and counter updated with assigns.
 """
 import tensorflow as tf
 
-from .ops import (_check_epsilon, _check_momentum, _check_moving_args,
-                  _check_training, _check_x, _data_format, _stat_dtype)
+from .ops import (_check_activation, _check_epsilon, _check_momentum,
+                  _check_moving_args, _check_side_input, _check_training,
+                  _check_x, _data_format, _stat_dtype)
 
 __all__ = ["batch_norm", "in_xla_context"]
 
@@ -27,7 +29,8 @@ def _read(var, dtype):
 
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
-               unbiased_variance=True, num_updates=None, name=None):
+               unbiased_variance=True, num_updates=None, side_input=None,
+               activation=None, name=None):
     """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring)."""
     with tf.name_scope(name or "batch_norm_reference"):
         x = _check_x(x)
@@ -36,6 +39,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         epsilon = _check_epsilon(epsilon)
         training_t, training_value = _check_training(training)
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
+        side = _check_side_input(side_input, x)
+        relu = _check_activation(activation) == "relu"
         u = _stat_dtype(x.dtype)
         rank = x.shape.rank
         channel_axis = rank - 1 if data_format == "channels_last" else 1
@@ -88,4 +93,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         y = (xu - per_channel(mean)) * per_channel(inv_std)
         if offset is not None:
             y = y + per_channel(_read(offset, u))
+        if side:  # the epilogue, in u like the op's, rounded once
+            y = y + tf.cast(side[0], u)
+        if relu:
+            y = tf.nn.relu(y)
         return tf.cast(y, x.dtype)
