@@ -246,7 +246,10 @@ def test_backward_epilogue_without_dx(k, with_dside):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_streamed_epilogue(k, dtype, shape):
     ku.check_forward_epilogue(k, ku.NumpyBuffers(2), dtype, shape, True, True)
-    ku.check_backward_epilogue(k, ku.NumpyBuffers(2), dtype, shape, True, True)
+    # The masked dy is streamed to dside, or to dx's buffer without dside.
+    for with_dside in (True, False):
+        ku.check_backward_epilogue(k, ku.NumpyBuffers(2), dtype, shape, True, True,
+                                   with_dside)
 
 
 def test_relu_without_y_is_an_error(k):

@@ -775,18 +775,26 @@ inline void vstore(T* p, VecOf<T> v) {
 }
 
 // Per-block sums of g and g * (x - mean), in double, with g = dy masked by
-// y > 0 (kMask) or dy; kWrite: g is also written to gout (the same pass
-// reads dy[i] before it writes gout[i], so gout may be dy's buffer). Each
+// y > 0 (kMask) or dy; kWrite: g is also written to gout, with
+// non-temporal stores when `stream` (see streamable(); gout is then not
+// dy's buffer, else the pass reads dy[i] before it writes gout[i]). Each
 // sub-block of kSubRows rows (channels-last) or kSubChunk values
 // (channels-first) is summed in the accumulation type, then added in
 // double, so the error does not grow with the block length.
 template <bool kMask, bool kWrite, typename T, typename U>
 void block_grad_sums(const Shape& s, const Unit& u, const T* dy,
                      const T* __restrict x, const T* __restrict y, T* gout,
-                     const U* mean, double* __restrict pdy,
+                     bool stream, const U* mean, double* __restrict pdy,
                      double* __restrict pdyx) {
   using A = typename AccOf<T>::type;
   using V = VecOf<T>;
+  const auto put = [stream](T* p, V v) {
+    if (stream) {
+      vstream(p, v);
+    } else {
+      vstore(p, v);
+    }
+  };
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
     double* __restrict sd_out = pdy + u.block * C + u.c0;
@@ -805,7 +813,7 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* dy,
                      const int64_t i = r * C + c;
                      V d = vload(db + i);
                      if constexpr (kMask) d = masked<kMask>(d, vload(yb + i));
-                     if constexpr (kWrite) vstore(gb + i, d);
+                     if constexpr (kWrite) put(gb + i, d);
                      a += d;
                      b += d * (vload(xb + i) - mu);
                    },
@@ -831,7 +839,7 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* dy,
       row_sums<T, 2>(i0, i1, [&](int64_t i, auto& acc) {
         V d = vload(dr + i);
         if constexpr (kMask) d = masked<kMask>(d, vload(yr + i));
-        if constexpr (kWrite) vstore(gr + i, d);
+        if constexpr (kWrite) put(gr + i, d);
         acc[0] += d;
         acc[1] += d * (vload(xr + i) - m);
       }, [&](int64_t i, A* acc) {
@@ -849,50 +857,93 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* dy,
   }
 }
 
-// block_grad_sums for a run-time epilogue.
+// The reduction pass of the backward: per-block partial sums (block_grad_sums
+// for a run-time epilogue: y masks, gout receives g).
 template <typename T, typename U>
-void grad_sums(const Shape& s, const Unit& u, const T* dy, const T* x,
-               const T* y, T* gout, const U* mean, double* pdy, double* pdyx) {
+void grad_sums_pass(const Shape& s, const Blocks& g, const T* dy, const T* x,
+                    const T* y, T* gout, const U* mean, double* pdy,
+                    double* pdyx, const ParallelFor& pf) {
+  const int64_t n = s.inner == 1 ? s.channels : s.inner;
+  const bool stream = gout && streamable(gout, n, s.size(), dy, x);
+  const int64_t units = g.units(s);
+  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
+  const auto run = [&](auto mask, auto write) {
+    pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
+      for_units(s, g, u0, u1, [&](const Unit& u) {
+        block_grad_sums<decltype(mask)::value, decltype(write)::value>(
+            s, u, dy, x, y, gout, stream, mean, pdy, pdyx);
+      });
+      if (stream) _mm_sfence();
+    });
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (y) {
     if (gout) {
-      block_grad_sums<true, true>(s, u, dy, x, y, gout, mean, pdy, pdyx);
+      run(Yes(), Yes());
     } else {
-      block_grad_sums<true, false>(s, u, dy, x, y, gout, mean, pdy, pdyx);
+      run(Yes(), No());
     }
   } else if (gout) {
-    block_grad_sums<false, true>(s, u, dy, x, y, gout, mean, pdy, pdyx);
+    run(No(), Yes());
   } else {
-    block_grad_sums<false, false>(s, u, dy, x, y, gout, mean, pdy, pdyx);
+    run(No(), No());
   }
 }
 
+// dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
+template <typename T, typename A>
+void dx_pass(const Shape& s, const T* dy, const T* x, T* dx, const A* k_dy,
+             const A* k_x, const A* k_0, const A* m, const ParallelFor& pf) {
+  using V = VecOf<T>;
+  const int64_t C = s.channels;
+  if (s.inner == 1) {
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const T* xr = x + r * C;
+      const T* dr = dy + r * C;
+      return row_writer(
+          [=](int64_t c) {
+            return vload_acc<V>(k_dy + c) * vload(dr + c) +
+                   vload_acc<V>(k_x + c) * (vload(xr + c) - vload_acc<V>(m + c)) +
+                   vload_acc<V>(k_0 + c);
+          },
+          [=](int64_t c) {
+            return k_dy[c] * load(dr[c]) + k_x[c] * (load(xr[c]) - m[c]) + k_0[c];
+          });
+    });
+  } else {
+    const int64_t S = s.inner;
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const int64_t c = r % C;
+      const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
+      const T* xr = x + r * S;
+      const T* dr = dy + r * S;
+      return row_writer(
+          [=](int64_t i) { return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0; },
+          [=](int64_t i) { return kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0; });
+    });
+  }
+}
+
+// The epilogue (relu: y given): the reduction pass writes g (dy masked by
+// y > 0) to dside, or to dx's buffer when dside is not wanted, and the dx
+// pass reads g for dy (see BackwardParams for why).
 template <typename T, typename U>
 Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
-  using V = VecOf<T>;
   const Shape& s = p.shape;
   const int64_t C = s.channels;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
-  const U* mean = static_cast<const U*>(p.saved_mean);
-  const U* inv_std = static_cast<const U*>(p.saved_inv_std);
-  const U* scale = static_cast<const U*>(p.scale);
-  // The epilogue: g (dy masked by y > 0) is written by the reduction pass
-  // where it is wanted (dside) or needed (relu with dx: the dx pass reads
-  // it back from dx's buffer), and the dx pass reads g for dy.
   const T* y = p.relu ? static_cast<const T*>(p.y) : nullptr;
   T* gout = static_cast<T*>(p.dside);
   if (!gout && y) gout = static_cast<T*>(p.dx);
+  const U* mean = static_cast<const U*>(p.saved_mean);
+  const U* inv_std = static_cast<const U*>(p.saved_inv_std);
+  const U* scale = static_cast<const U*>(p.scale);
   const Blocks g(s);
   std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
-  const int64_t units = g.units(s);
-  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
-  pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
-    for_units(s, g, u0, u1, [&](const Unit& u) {
-      grad_sums(s, u, dy, x, y, gout, mean, pdy.data(), pdyx.data());
-    });
-  });
-  if (gout) dy = gout;
+  grad_sums_pass(s, g, dy, x, y, gout, mean, pdy.data(), pdyx.data(), pf);
   // Sum the block partials in block order, in double.
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
   const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
@@ -910,7 +961,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
      });
   U* dscale = static_cast<U*>(p.dscale);
   U* doffset = static_cast<U*>(p.doffset);
-  // dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
+  // dx = k_dy * g + k_x * (x - mean) + k_0 per channel.
   std::vector<A> k_dy(C), k_x(C), k_0(C), m(C);
   const double n = double(s.count());
   for (int64_t c = 0; c < C; ++c) {
@@ -926,36 +977,8 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   }
   if (!p.dx) return Status::Ok();
   T* dx = static_cast<T*>(p.dx);
-  if (s.inner == 1) {
-    const A* kd = k_dy.data();
-    const A* kx = k_x.data();
-    const A* k0 = k_0.data();
-    const A* mm = m.data();
-    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
-      const T* xr = x + r * C;
-      const T* dr = dy + r * C;
-      return row_writer(
-          [=](int64_t c) {
-            return vload_acc<V>(kd + c) * vload(dr + c) +
-                   vload_acc<V>(kx + c) * (vload(xr + c) - vload_acc<V>(mm + c)) +
-                   vload_acc<V>(k0 + c);
-          },
-          [=](int64_t c) {
-            return kd[c] * load(dr[c]) + kx[c] * (load(xr[c]) - mm[c]) + k0[c];
-          });
-    });
-  } else {
-    const int64_t S = s.inner;
-    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
-      const int64_t c = r % C;
-      const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
-      const T* xr = x + r * S;
-      const T* dr = dy + r * S;
-      return row_writer(
-          [=](int64_t i) { return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0; },
-          [=](int64_t i) { return kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0; });
-    });
-  }
+  dx_pass(s, gout ? gout : dy, x, dx, k_dy.data(), k_x.data(), k_0.data(),
+          m.data(), pf);
   return Status::Ok();
 }
 
