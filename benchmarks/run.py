@@ -22,9 +22,15 @@ Modes:
   train_fwd_bwd  train_fwd plus dx, dscale, doffset for a given dy
   keras_step     Keras layer training step: forward, gradients for a given
                  dy, SGD update of gamma and beta (fused_bn vs keras only)
+  epilogue_fwd_bwd  a ResNet block's tail relu(bn(x) + side) and its
+                 gradients w.r.t. x, side, scale, offset for a given dy:
+                 fused_bn's epilogue (side_input=, activation="relu") against
+                 each baseline followed by tf.add and tf.nn.relu
 Minimum bytes moved, in units of x's size: infer 2 (read x, write y),
 train_fwd 3 (read x twice, write y), train_fwd_bwd and keras_step 8 (the
-backward reads x and dy twice and writes dx).
+backward reads x and dy twice and writes dx), epilogue_fwd_bwd 11 (the
+forward also reads side; the backward reads dy, y, x, writes the masked dy
+as d(side), reads it and x again and writes dx).
 """
 import argparse
 import datetime
@@ -37,10 +43,12 @@ import time
 
 import numpy as np
 
-MODES = ("infer", "train_fwd", "train_fwd_bwd", "keras_step")
+MODES = ("infer", "train_fwd", "train_fwd_bwd", "keras_step", "epilogue_fwd_bwd")
 IMPLS = ("fused_bn", "stock", "keras", "manual")
 BASELINES = ("stock", "keras", "manual")
-PASSES = {"infer": 2, "train_fwd": 3, "train_fwd_bwd": 8, "keras_step": 8}
+GRAD_MODES = ("train_fwd_bwd", "epilogue_fwd_bwd")
+PASSES = {"infer": 2, "train_fwd": 3, "train_fwd_bwd": 8, "keras_step": 8,
+          "epilogue_fwd_bwd": 11}
 MOMENTUM, EPSILON = 0.99, 1e-3
 
 RESNET50 = ["112x112x64", "56x56x64", "56x56x256", "28x28x128", "28x28x512",
@@ -50,6 +58,7 @@ SHAPE_SETS = {
     "gpu": [f"256x{s}" for s in RESNET50] + ["256x1024", "4096x1024",
                                               "16384x1024"],
     "targets": ["32x56x56x64", "32x28x28x128", "32x14x14x256", "256x1024"],
+    "epilogue": ["32x56x56x64", "32x28x28x128", "32x14x14x256"],
     "quick": ["4x8x8x16", "64x32"],
 }
 COPY_METHOD = ("tf.function(x * s), s a scalar tf.Variable: one elementwise "
@@ -155,6 +164,10 @@ class Case:
         dy = rng.standard_normal(dims, dtype=np.float32)
         self.x = tf.cast(tf.constant(x), self.dtype)
         self.dy = tf.cast(tf.constant(dy), self.dtype)
+        self.side = None
+        if mode == "epilogue_fwd_bwd":  # a residual branch: relu clips ~half
+            side = rng.standard_normal(dims, dtype=np.float32) * 1.5 - 0.5
+            self.side = tf.cast(tf.constant(side), self.dtype)
         self.n = int(np.prod(dims))
         self.bytes = self.n * self.dtype.size
         c = self.c
@@ -171,16 +184,26 @@ class Case:
 
 
 def with_grad(tf, case, forward, variables):
-    """tf.function: forward() and its gradients w.r.t. x and variables."""
+    """tf.function: forward() and its gradients w.r.t. x and variables (and
+    the side input in epilogue_fwd_bwd)."""
     x, dy = case.x, case.dy
+    inputs = [x] if case.side is None else [x, case.side]
 
     @tf.function(jit_compile=False)
     def step():
         with tf.GradientTape() as tape:
-            tape.watch(x)
+            tape.watch(inputs)
             y = forward(x)
-        return tape.gradient(y, [x] + list(variables), output_gradients=dy)
+        return tape.gradient(y, inputs + list(variables), output_gradients=dy)
     return step
+
+
+def with_epilogue(tf, case, forward):
+    """forward followed by tf.add(., side) and tf.nn.relu in epilogue_fwd_bwd."""
+    if case.mode != "epilogue_fwd_bwd":
+        return forward
+    return lambda x: tf.nn.relu(tf.add(forward(x), case.side))
+
 
 
 def build_fused(tf, case):
@@ -189,11 +212,14 @@ def build_fused(tf, case):
         return keras_step(tf, case, fused_layer(case))
     training = case.mode != "infer"
 
+    epilogue = case.mode == "epilogue_fwd_bwd"
+
     def forward(x):
         return fused_bn.batch_norm(
             x, training, case.scale, case.offset, case.mm, case.mv,
-            momentum=MOMENTUM, epsilon=EPSILON, axis=case.axis)
-    if case.mode == "train_fwd_bwd":
+            momentum=MOMENTUM, epsilon=EPSILON, axis=case.axis,
+            side_input=case.side, activation="relu" if epilogue else None)
+    if case.mode in GRAD_MODES:
         return with_grad(tf, case, forward, [case.scale, case.offset])
     return tf.function(lambda: forward(case.x), jit_compile=False)
 
@@ -228,7 +254,8 @@ def build_stock(tf, case):
             case.mm.assign_sub((case.mm - mean) * (1.0 - MOMENTUM))
             case.mv.assign_sub((case.mv - var) * (1.0 - MOMENTUM))
         return tf.reshape(y, tf.shape(x)) if four_d else y
-    if case.mode == "train_fwd_bwd":
+    forward = with_epilogue(tf, case, forward)
+    if case.mode in GRAD_MODES:
         return with_grad(tf, case, forward, [case.scale, case.offset])
     return tf.function(lambda: forward(case.x), jit_compile=False)
 
@@ -313,7 +340,8 @@ def build_keras(tf, case):
 
     def forward(x):
         return layer(x, training=training)
-    if case.mode == "train_fwd_bwd":
+    forward = with_epilogue(tf, case, forward)
+    if case.mode in GRAD_MODES:
         return with_grad(tf, case, forward, layer.trainable_variables)
     return tf.function(lambda: forward(case.x), jit_compile=False)
 
@@ -344,7 +372,8 @@ def build_manual(tf, case):
         return tf.nn.batch_normalization(
             x, mean, var, bcast(case.offset, dt), bcast(case.scale, dt),
             EPSILON)
-    if case.mode == "train_fwd_bwd":
+    forward = with_epilogue(tf, case, forward)
+    if case.mode in GRAD_MODES:
         return with_grad(tf, case, forward, [case.scale, case.offset])
     return tf.function(lambda: forward(case.x), jit_compile=False)
 
@@ -483,8 +512,8 @@ def write_markdown(path, report):
         "",
         f"Times are medians of {m['reps']} interleaved samples (min and the "
         "interquartile spread beside them). GB/s counts the minimum bytes of "
-        "the mode (infer 2, train_fwd 3, train_fwd_bwd and keras_step 8 "
-        "passes over x's size); copy is " + m["copy_method"] + ". Speedup = "
+        "the mode (infer 2, train_fwd 3, train_fwd_bwd and keras_step 8, "
+        "epilogue_fwd_bwd 11 passes over x's size); copy is " + m["copy_method"] + ". Speedup = "
         "baseline median / fused_bn median.",
         "",
         "| shape | layout | dtype | mode | fused_bn ms (min, spread) | GB/s "
@@ -574,12 +603,14 @@ def main(argv=None):
         "min_time_s": args.min_time, "copy_method": COPY_METHOD,
         "passes": PASSES, "impls": {
             "fused_bn": "fused_bn.batch_norm; keras_step: fused_bn "
-                        "BatchNormalization layer",
+                        "BatchNormalization layer; epilogue_fwd_bwd: "
+                        "side_input=, activation='relu'",
             "stock": "tf.compat.v1.nn.fused_batch_norm + assign_sub moving "
                      "averages",
             "keras": "keras.layers.BatchNormalization",
             "manual": "tf.nn.moments + tf.nn.batch_normalization + "
-                      "assign_moving_average"}},
+                      "assign_moving_average",
+            "epilogue_fwd_bwd baselines": "followed by tf.add and tf.nn.relu"}},
         "cases": []}
     t_start = time.time()
     with tf.device("/GPU:0" if args.device == "gpu" else "/CPU:0"):

@@ -179,24 +179,30 @@ def _pooled_moments(ctx, count, mean, var, shift, u):
 
 
 def _normalize(x, scale, offset, mean, variance, count, live, all_reduce,
-               epsilon, data_format):
+               epsilon, data_format, side, activation):
     """y = `FusedBn>Normalize`(x; mean, variance, scale, offset), with the
-    batch-norm gradient of statistics over `count` values per channel.
+    epilogue relu(... + side) when asked, and the batch-norm gradient of
+    statistics over `count` values per channel.
 
-    Training (`live`): dx from the sums of dy and dy * x_hat over those
-    values: this replica's sums passed through `all_reduce` (None: the
-    statistics are x's own). Frozen: dx = scale * inv_std * dy. dscale and
-    doffset are this replica's sums (the optimizer adds the replicas').
+    Training (`live`): dx from the sums of g and g * x_hat over those
+    values, g = dy masked by y > 0 for relu (else dy): this replica's sums
+    passed through `all_reduce` (None: the statistics are x's own). Frozen:
+    dx = scale * inv_std * g. dscale and doffset are this replica's sums
+    (the optimizer adds the replicas'); d(side_input) is g.
     """
     inv_std = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
 
     @tf.custom_gradient
-    def bn(x, scale, offset):
+    def bn(x, scale, offset, *side):
         y = _ops.fused_bn_normalize(x=x, mean=mean, variance=variance,
                                     scale=scale, offset=offset,
-                                    epsilon=epsilon, data_format=data_format)
+                                    side_input=list(side), epsilon=epsilon,
+                                    data_format=data_format,
+                                    activation=activation)
 
         def grad(dy):
+            if activation == "relu":
+                dy = tf.where(y > 0, dy, tf.zeros_like(dy))
             sum_dy, sum_dy_xhat = _ops.fused_bn_backward_reduce(
                 dy=dy, x=x, mean=mean, inv_std=inv_std, data_format=data_format)
             sums = tf.stack([sum_dy, sum_dy_xhat])
@@ -209,11 +215,11 @@ def _normalize(x, scale, offset, mean, variance, count, live, all_reduce,
                 sum_dy=sums[0], sum_dy_xhat=sums[1],
                 count=tf.maximum(tf.cast(count, tf.int64), 1),
                 data_format=data_format)
-            return dx, sum_dy_xhat, sum_dy
+            return (dx, sum_dy_xhat, sum_dy) + tuple(dy for _ in side)
 
         return y, grad
 
-    return bn(x, scale, offset)
+    return bn(x, scale, offset, *side)
 
 
 def _read(handle, dtype):
@@ -275,12 +281,14 @@ def _checked(stats, live):
 
 
 def batch_norm(x, live, scale, offset, moving, *, u, c, data_format,
-               momentum, epsilon, unbiased_variance, synchronized):
+               momentum, epsilon, unbiased_variance, synchronized, side=(),
+               activation="none"):
     """`fused_bn.batch_norm`'s training call (live: True, or a bool tensor)
     in a replica context or on distributed variables; see the module doc.
 
     moving: None or (moving_mean, moving_variance, num_updates or None),
-    checked tf.Variables.
+    checked tf.Variables. side ([] or [a tensor like x]) and activation
+    ('none' or 'relu'): the epilogue, as the ops take them.
     """
     ctx = replica_context()
     sync = bool(synchronized) and ctx is not None
@@ -307,7 +315,7 @@ def batch_norm(x, live, scale, offset, moving, *, u, c, data_format,
         var = tf.where(live, var, values[1])
     y = _normalize(x, scale, offset, mean, var, batch[2], live,
                    (lambda t: ctx.all_reduce(_SUM, t)) if sync else None,
-                   epsilon, data_format)
+                   epsilon, data_format, side, activation)
     if targets:
         updates = _update(targets, *pooled, live, momentum, unbiased_variance)
         if not tf.executing_eagerly() and not tf.inside_function():

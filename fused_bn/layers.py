@@ -6,7 +6,8 @@ from keras import constraints, initializers, regularizers
 from keras.src.backend import in_stateless_scope
 
 from . import reference
-from .ops import _check_training, batch_norm, normalize, update_moving_stats
+from .ops import (_check_activation, _check_training, batch_norm, normalize,
+                  update_moving_stats)
 
 __all__ = ["BatchNormalization"]
 
@@ -28,6 +29,10 @@ class BatchNormalization(keras.layers.Layer):
       Bessel-corrected batch variance, as TF1's fused batch norm did. Keras
       uses the biased one: `warmup=False, unbiased_variance=False` matches
       `keras.layers.BatchNormalization` exactly.
+    - `activation=None` or `"relu"`, and the call argument `side_input` (a
+      tensor of the input's shape, e.g. a residual branch): the layer
+      returns `activation(bn(inputs) + side_input)`, computed inside the
+      normalize pass (a ResNet block's `add` + `relu` tail in one op).
 
     The op updates the moving statistics in place when it runs in training
     mode (no `add_update`, no assigns). `training=True` with
@@ -69,7 +74,7 @@ class BatchNormalization(keras.layers.Layer):
                  gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, synchronized=False, renorm=False,
                  renorm_clipping=None, renorm_momentum=0.99, warmup=True,
-                 unbiased_variance=True, **kwargs):
+                 unbiased_variance=True, activation=None, **kwargs):
         super().__init__(**kwargs)
         if keras.backend.backend() != "tensorflow":
             raise ValueError(
@@ -92,6 +97,8 @@ class BatchNormalization(keras.layers.Layer):
         self.warmup = bool(warmup)
         self.unbiased_variance = bool(unbiased_variance)
         self.synchronized = bool(synchronized)
+        _check_activation(activation)
+        self.activation = activation
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -168,14 +175,16 @@ class BatchNormalization(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, side_input=None):
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
+        if side_input is not None:
+            side_input = tf.cast(side_input, self.compute_dtype)
         if mask is not None:
             mask = reference.check_mask(mask, x)
             if training is not False:
-                return self._masked_call(x, training, mask)
+                return self._masked_call(x, training, mask, side_input)
         # Keras traces call() in a stateless scope to infer shapes (e.g. a
         # subclassed model's first call): variables have no buffers there.
         fn = (reference.batch_norm
@@ -186,9 +195,10 @@ class BatchNormalization(keras.layers.Layer):
             self.moving_variance, momentum=self.momentum, epsilon=self.epsilon,
             axis=self._axis, unbiased_variance=self.unbiased_variance,
             num_updates=self.num_updates if self.warmup else None,
-            synchronized=self.synchronized)
+            synchronized=self.synchronized, side_input=side_input,
+            activation=self.activation)
 
-    def _masked_call(self, x, training, mask):
+    def _masked_call(self, x, training, mask, side_input):
         """Training (or a bool tensor) with a mask: statistics over the
         unmasked positions, every position normalized. Under XLA, and in
         the stateless scope where Keras traces call() to infer shapes (the
@@ -200,7 +210,7 @@ class BatchNormalization(keras.layers.Layer):
                 epsilon=self.epsilon, axis=self._axis,
                 unbiased_variance=self.unbiased_variance,
                 num_updates=self.num_updates if self.warmup else None,
-                mask=mask)
+                side_input=side_input, activation=self.activation, mask=mask)
         training, training_value = _check_training(training)
 
         def batch_stats():
@@ -219,7 +229,8 @@ class BatchNormalization(keras.layers.Layer):
         else:
             mean, variance = batch_stats() if training_value else moving_stats()
         return normalize(x, mean, variance, self.gamma, self.beta,
-                         self.epsilon, axis=self._axis)
+                         self.epsilon, axis=self._axis, side_input=side_input,
+                         activation=self.activation)
 
     def _update_masked(self, mean, variance, count):
         """The moving update with masked statistics; count: [C] int64, >= 2."""
@@ -256,5 +267,6 @@ class BatchNormalization(keras.layers.Layer):
             "warmup": self.warmup,
             "unbiased_variance": self.unbiased_variance,
             "synchronized": self.synchronized,
+            "activation": self.activation,
         }
         return {**super().get_config(), **config}

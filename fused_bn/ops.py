@@ -184,10 +184,32 @@ def _check_moving_args(moving_mean, moving_variance, num_updates, training_value
             "is the Python value True (inference normalizes with them)")
 
 
+def _check_activation(activation):
+    """The ops' activation attr ('none' or 'relu') for None or "relu"."""
+    if not (activation is None or (isinstance(activation, str) and activation == "relu")):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return "relu" if activation == "relu" else "none"
+
+
+def _check_side_input(side_input, x):
+    """The ops' side_input list: [] for None, else [a tensor like x]."""
+    if side_input is None:
+        return []
+    if hasattr(side_input, "dtype") and tf.as_dtype(side_input.dtype) != x.dtype:
+        raise TypeError(
+            f"side_input must have x's dtype {x.dtype.name}, got "
+            f"{tf.as_dtype(side_input.dtype).name}")
+    side = tf.convert_to_tensor(side_input, dtype=x.dtype)
+    if not side.shape.is_compatible_with(x.shape):
+        raise ValueError(
+            f"side_input must have x's shape {x.shape}, got shape {side.shape}")
+    return [side]
+
+
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
                unbiased_variance=True, num_updates=None, synchronized=False,
-               name=None):
+               side_input=None, activation=None, name=None):
     """Batch normalization, train and test in one call.
 
     Args:
@@ -216,10 +238,16 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         with the global batch's, identically on every replica (see
         `fused_bn/_distribute.py`). Outside a replica context, or with one
         replica, it changes nothing.
+      side_input: optional tensor of x's shape and dtype (e.g. a residual
+        branch), added to the normalized x.
+      activation: None or "relu", applied after side_input. The epilogue
+        `y = activation(bn(x) + side_input)` runs inside the normalize pass
+        (accumulation type, one rounding); the statistics are x's alone.
       name: op name.
 
     Returns:
-      y, with x's shape and dtype; differentiable w.r.t. x, scale, offset.
+      y, with x's shape and dtype; differentiable w.r.t. x, scale, offset
+      and side_input.
     """
     with tf.name_scope(name or "batch_norm"):
         _distribute.check_strategy()
@@ -233,6 +261,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         _check_moving_args(moving_mean, moving_variance, num_updates, training_value)
         if not isinstance(synchronized, (bool, np.bool_)):
             raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
+        side = _check_side_input(side_input, x)
+        activation = _check_activation(activation)
         cs = c if isinstance(c, int) else None
         if training_value is not False:
             variables = None
@@ -254,7 +284,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                     variables, u=u, c=c, data_format=data_format,
                     momentum=momentum, epsilon=epsilon,
                     unbiased_variance=bool(unbiased_variance),
-                    synchronized=bool(synchronized))
+                    synchronized=bool(synchronized), side=side,
+                    activation=activation)
         count = _static_count(x, data_format)
         if training_value is True and count is not None and count < 2:
             raise ValueError(
@@ -274,9 +305,10 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         y, _, _ = _ops.fused_bn_forward(
             x=x, scale=scale, offset=offset,
             moving_mean=moving[:1], moving_variance=moving[1:],
-            num_updates=counters, training=training_t,
+            num_updates=counters, side_input=side, training=training_t,
             epsilon=epsilon, momentum=momentum,
-            unbiased_variance=bool(unbiased_variance), data_format=data_format)
+            unbiased_variance=bool(unbiased_variance), data_format=data_format,
+            activation=activation)
         return y
 
 
@@ -296,10 +328,12 @@ def moments(x, axis=-1, name=None):
 
 
 def normalize(x, mean, variance, scale=None, offset=None, epsilon=1e-3,
-              axis=-1, name=None):
+              axis=-1, name=None, *, side_input=None, activation=None):
     """y = (x - mean) * scale / sqrt(variance + epsilon) + offset per channel.
 
-    Differentiable w.r.t. x, mean, variance, scale and offset.
+    With the epilogue, y = activation(that + side_input): side_input has x's
+    shape and dtype, activation is None or "relu" (as in batch_norm).
+    Differentiable w.r.t. x, mean, variance, scale, offset and side_input.
     """
     with tf.name_scope(name or "normalize"):
         x = _check_x(x)
@@ -311,9 +345,13 @@ def normalize(x, mean, variance, scale=None, offset=None, epsilon=1e-3,
         variance = _check_param(variance, "variance", u, c)
         scale = tf.ones([c], u) if scale is None else _check_param(scale, "scale", u, c)
         offset = tf.zeros([c], u) if offset is None else _check_param(offset, "offset", u, c)
+        side = _check_side_input(side_input, x)
+        activation = _check_activation(activation)
         return _ops.fused_bn_normalize(x=x, mean=mean, variance=variance,
                                        scale=scale, offset=offset,
-                                       epsilon=epsilon, data_format=data_format)
+                                       side_input=side, epsilon=epsilon,
+                                       data_format=data_format,
+                                       activation=activation)
 
 
 def update_moving_stats(moving_mean, moving_variance, mean, variance, count,
@@ -375,35 +413,62 @@ def _broadcast_stat(v, x, data_format):
     return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(x) - 2], tf.int32)], 0))
 
 
+# The epilogue y = activation(bn(x) + side_input) of Forward and Normalize,
+# in their gradients: ForwardGrad masks dy by y > 0 when the activation was
+# relu (given y) and returns the masked dy as dside when a side input was
+# given; without relu, d(side_input) is dy itself.
+def _relu(op):
+    return op.get_attr("activation") in (b"relu", "relu")
+
+
+def _epilogue_grad_args(op):
+    """ForwardGrad's y and num_dside for the gradient of op."""
+    relu = _relu(op)
+    return {"y": [op.outputs[0]] if relu else [],
+            "num_dside": op.get_attr("num_side") if relu else 0}
+
+
+def _side_input_grad(op, dy, dside):
+    """[d(side_input)] for op's side_input list ([] without one)."""
+    if op.get_attr("num_side") == 0:
+        return []
+    return list(dside) if _relu(op) else [dy]
+
+
 @tf.RegisterGradient("FusedBn>Forward")
 def _forward_grad(op, dy, dmean, dinv_std):
     x, scale = op.inputs[0], op.inputs[1]
     saved_mean, saved_inv_std = op.outputs[1], op.outputs[2]
     training = _named_input(op, "training")
     data_format = _format_attr(op)
-    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+    dx, dscale, doffset, dside = _ops.fused_bn_forward_grad(
         dy=dy, x=x, scale=scale, saved_mean=saved_mean,
         saved_inv_std=saved_inv_std, training=training,
-        data_format=data_format)
+        data_format=data_format, **_epilogue_grad_args(op))
     dx = _add_saved_stats_grad(dx, x, saved_mean, saved_inv_std, training,
                                dmean, dinv_std, data_format)
     grads = [dx, dscale, doffset] + [None] * (len(op.inputs) - 3)
     for index, grad in _variable_grads(op, saved_inv_std, dscale, doffset).items():
+        grads[index] = grad
+    for index, grad in zip(_input_indices(op, "side_input"),
+                           _side_input_grad(op, dy, dside)):
         grads[index] = grad
     return grads
 
 
 @tf.RegisterGradient("FusedBn>Normalize")
 def _normalize_grad(op, dy):
-    x, mean, variance, scale, _ = op.inputs
+    x, mean, variance, scale = op.inputs[:4]
     inv_std = tf.math.rsqrt(variance + tf.cast(op.get_attr("epsilon"), variance.dtype))
-    dx, dscale, doffset = _ops.fused_bn_forward_grad(
+    dx, dscale, doffset, dside = _ops.fused_bn_forward_grad(
         dy=dy, x=x, scale=scale, saved_mean=mean, saved_inv_std=inv_std,
-        training=tf.constant(False), data_format=op.get_attr("data_format"))
-    # y = scale * (x - mean) * inv_std + offset; dscale = sum(dy * x_hat).
+        training=tf.constant(False), data_format=op.get_attr("data_format"),
+        **_epilogue_grad_args(op))
+    # y = scale * (x - mean) * inv_std + offset; dscale = sum(g * x_hat),
+    # doffset = sum(g) for the masked dy g.
     dmean = -scale * inv_std * doffset
     dvariance = -0.5 * scale * inv_std * inv_std * dscale
-    return [dx, dmean, dvariance, dscale, doffset]
+    return [dx, dmean, dvariance, dscale, doffset] + _side_input_grad(op, dy, dside)
 
 
 @tf.RegisterGradient("FusedBn>Moments")
@@ -627,9 +692,23 @@ def _backward_vjp(dy, x, scale, mean, inv_std, training, data_format,
 
 
 @tf.RegisterGradient("FusedBn>ForwardGrad")
-def _forward_grad_grad(op, g_dx, g_dscale, g_doffset):
+def _forward_grad_grad(op, g_dx, g_dscale, g_doffset, *g_dside):
+    """With the relu epilogue (y given) the backward is the plain one applied
+    to g = dy * [y > 0], and dside = g: the mask is piecewise constant in y
+    (y gets no gradient), so dy's cotangent is the plain one, plus dside's,
+    masked."""
     dy, x, scale, mean, inv_std = op.inputs[:5]
-    grads = _backward_vjp(
-        dy, x, scale, mean, inv_std, _named_input(op, "training"),
-        _format_attr(op), g_dx, g_dscale, g_doffset)
-    return list(grads) + [None] * (len(op.inputs) - 5)
+    ys = [op.inputs[i] for i in _input_indices(op, "y")]
+    keep = tf.cast(ys[0] > 0, dy.dtype) if ys else None
+    grads = list(_backward_vjp(
+        dy if keep is None else dy * keep, x, scale, mean, inv_std,
+        _named_input(op, "training"), _format_attr(op), g_dx, g_dscale,
+        g_doffset))
+    d_dy = grads[0]
+    if g_dside and not _is_zero(g_dside[0]):
+        g_side = tf.cast(g_dside[0], dy.dtype)
+        d_dy = g_side if d_dy is None else d_dy + g_side
+    if keep is not None and d_dy is not None:
+        d_dy = d_dy * keep
+    grads[0] = d_dy
+    return grads + [None] * (len(op.inputs) - 5)

@@ -3,15 +3,16 @@
 The path used where the custom op cannot run (XLA: a `tf.function` with
 `jit_compile=True`): the same arguments and variables as
 `fused_bn.batch_norm`, the same warm-up momentum and Bessel correction, a
-two-pass variance accumulated in float32 for half inputs, and the moving
+two-pass variance accumulated in float32 for half inputs, the epilogue
+(side input, relu) in float32 before one rounding, and the moving
 statistics and counter updated with assigns.
 """
 import tensorflow as tf
 
 from . import _distribute
-from .ops import (_broadcast_stat, _check_epsilon, _check_momentum,
-                  _check_moving_args, _check_training, _check_x, _data_format,
-                  _stat_dtype)
+from .ops import (_broadcast_stat, _check_activation, _check_epsilon,
+                  _check_momentum, _check_moving_args, _check_side_input,
+                  _check_training, _check_x, _data_format, _stat_dtype)
 
 __all__ = ["batch_norm", "check_mask", "in_xla_context", "masked_moments"]
 
@@ -30,7 +31,7 @@ def _read(var, dtype):
 def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                moving_variance=None, *, momentum=0.99, epsilon=1e-3, axis=-1,
                unbiased_variance=True, num_updates=None, synchronized=False,
-               name=None, mask=None):
+               side_input=None, activation=None, name=None, mask=None):
     """`fused_bn.batch_norm` in plain TensorFlow ops (see its docstring).
 
     mask: optional, as `fused_bn.BatchNormalization` takes it (see
@@ -58,6 +59,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                 "tf.distribute replica context with more than one replica "
                 f"(synchronized={synchronized!r}); compile the step without "
                 "XLA")
+        side = _check_side_input(side_input, x)
+        relu = _check_activation(activation) == "relu"
         u = _stat_dtype(x.dtype)
         rank = x.shape.rank
         channel_axis = rank - 1 if data_format == "channels_last" else 1
@@ -117,6 +120,10 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
         y = (xu - per_channel(mean)) * per_channel(inv_std)
         if offset is not None:
             y = y + per_channel(_read(offset, u))
+        if side:  # the epilogue, in u like the op's, rounded once
+            y = y + tf.cast(side[0], u)
+        if relu:
+            y = tf.nn.relu(y)
         return tf.cast(y, x.dtype)
 
 

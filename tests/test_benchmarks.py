@@ -65,3 +65,26 @@ def test_nchw_uses_channels_first_tensors(report):
     data = json.loads((report / "smoke.json").read_text())
     nchw = [c for c in data["cases"] if c["layout"] == "NCHW"]
     assert nchw and all(c["tensor_shape"] == [2, 8, 4, 4] for c in nchw)
+
+
+models = pytest.importorskip("benchmarks.models")
+
+
+def test_models_smoke(tmp_path):
+    """The whole-model mode runs every variant (tf_keras reported as not run
+    when it is not installed) and writes its reports."""
+    report = models.main(["--quick", "--models", "mlp", "--out", str(tmp_path),
+                          "--name", "models"])
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"models.{ext}").stat().st_size > 0
+    (case,) = report["cases"]
+    assert set(case["results"]) | set(case["unsupported"]) == set(models.VARIANTS)
+    assert {"fused_bn", "fused_bn_plain", "keras"} <= set(case["results"])
+    for r in case["results"].values():
+        assert r["images_per_s"] > 0 and r["samples"] == report["meta"]["reps"]
+    # Same architecture in every variant.
+    assert len({r["trainable_params"] for r in case["results"].values()}) == 1
+    for b, v in case["speedup"].items():
+        assert b in models.BASELINES and v > 0
+    md = (tmp_path / "models.md").read_text()
+    assert md.count("| mlp |") == len(models.VARIANTS)

@@ -331,7 +331,7 @@ def _raw_forward(s, x=None, training=True, moving=True, counters=None, **attrs):
         moving_mean=[s.mm.handle] if moving else [],
         moving_variance=[s.mv.handle] if moving else [],
         num_updates=[s.n.handle] if counters is None else counters,
-        training=tf.constant(training), **attrs)
+        side_input=attrs.pop("side_input", []), training=tf.constant(training), **attrs)
 
 
 RAW_CASES = [
@@ -355,13 +355,20 @@ RAW_CASES = [
     ("moving_mean float64", lambda s: raw_ops.fused_bn_forward(
         x=_x(), scale=tf.ones([C]), offset=tf.zeros([C]),
         moving_mean=[tf.Variable(tf.zeros([C], tf.float64)).handle], moving_variance=[s.mv.handle],
-        num_updates=[s.n.handle], training=tf.constant(True), epsilon=1e-3, momentum=0.9),
+        num_updates=[s.n.handle], side_input=[], training=tf.constant(True), epsilon=1e-3,
+        momentum=0.9),
      ["moving_mean", "float", "double"]),
     ("moving_variance uninitialized", lambda s: raw_ops.fused_bn_forward(
         x=_x(), scale=tf.ones([C]), offset=tf.zeros([C]), moving_mean=[s.mm.handle],
         moving_variance=[tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[C], shared_name="nope")],
-        num_updates=[s.n.handle], training=tf.constant(True), epsilon=1e-3, momentum=0.9),
+        num_updates=[s.n.handle], side_input=[], training=tf.constant(True), epsilon=1e-3,
+        momentum=0.9),
      ["moving_variance"]),
+    ("side_input shape", lambda s: _raw_forward(s, side_input=[tf.ones([4, C + 1])]),
+     ["side_input", "x's shape"]),
+    ("side_input two tensors", lambda s: _raw_forward(s, side_input=[_x(), _x()]),
+     ["side_input", "at most one"]),
+    ("activation name", lambda s: _raw_forward(s, activation="gelu"), ["activation"]),
 ]
 
 

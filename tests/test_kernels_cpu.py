@@ -223,3 +223,87 @@ def test_workspace_bytes(k):
         assert n >= 0 and (n % 256 == 0)
         if not k.has_cuda():
             assert n == 0
+
+
+# The epilogue y = relu(bn(x) + side_input): (side input, relu) combinations.
+EPILOGUES = [(True, False), (False, True), (True, True)]
+EPILOGUE_IDS = ["side", "relu", "side+relu"]
+
+
+@pytest.mark.parametrize("side,relu", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_epilogue(k, dtype, shape, side, relu):
+    ku.check_normalize_epilogue(k, ku.NumpyBuffers(), dtype, shape, relu, side)
+
+
+@pytest.mark.parametrize("side,relu", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_forward_epilogue(k, buffers, dtype, shape, training, side, relu):
+    ku.check_forward_epilogue(k, buffers, dtype, shape, training, relu, side)
+
+
+@pytest.mark.parametrize("relu,with_dside", [(True, True), (True, False), (False, True)],
+                         ids=["relu+dside", "relu", "dside"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_backward_epilogue(k, buffers, dtype, shape, training, relu, with_dside):
+    ku.check_backward_epilogue(k, buffers, dtype, shape, training, relu, with_dside)
+
+
+@pytest.mark.parametrize("with_dside", [True, False], ids=["dside", "no-dside"])
+def test_backward_epilogue_without_dx(k, with_dside):
+    ku.check_backward_epilogue(k, ku.NumpyBuffers(), "float32", (37, 63, 1), True, True,
+                               with_dside, with_dx=False)
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=STREAMED_IDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_streamed_epilogue(k, dtype, shape):
+    ku.check_forward_epilogue(k, ku.NumpyBuffers(2), dtype, shape, True, True)
+    # The masked dy is streamed to dside, or to dx's buffer without dside.
+    for with_dside in (True, False):
+        ku.check_backward_epilogue(k, ku.NumpyBuffers(2), dtype, shape, True, True,
+                                   with_dside)
+
+
+def test_relu_without_y_is_an_error(k):
+    x = np.zeros((4, 3), np.float32)
+    m = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="y"):
+        k.backward("float32", 4, 3, 1, x.ctypes.data, x.ctypes.data, m.ctypes.data,
+                   m.ctypes.data, relu=True)
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=STREAMED_IDS)
+def test_epilogue_outputs_in_place(k, shape):
+    # As the TF ops may: y over the side input's buffer, and, with relu and no
+    # dside, dx over dy's buffer (the reduction pass then writes the masked
+    # dy there and the dx pass reads it back in place).
+    b = ku.NumpyBuffers(2)
+    c = shape[1]
+    rng = np.random.default_rng(8)
+    x = b.put(rng.normal(2.0, 3.0, shape).astype(np.float32))
+    side = b.put(rng.normal(0.0, 1.0, shape).astype(np.float32))
+    dy = b.put(rng.normal(0.0, 1.0, shape).astype(np.float32))
+    stats = [b.put(v) for v in (np.full(c, 1.5, np.float32), np.full(c, 2.0, np.float32),
+                                rng.uniform(0.5, 1.5, c).astype(np.float32))]
+    mean, var, scale = (b.ptr(v) for v in stats)
+    y = b.put(np.zeros(shape, np.float32))
+    k.normalize("float32", *shape, b.ptr(x), b.ptr(y), mean, var, scale,
+                side_input=b.ptr(side), relu=True, threads=2)
+    assert np.mean(y == 0) > 0.2
+    dx = b.put(np.zeros(shape, np.float32))
+    ds = [b.put(np.zeros(c, np.float32)) for _ in range(2)]
+    k.backward("float32", *shape, b.ptr(dy), b.ptr(x), mean, var, scale=scale, dx=b.ptr(dx),
+               dscale=b.ptr(ds[0]), doffset=b.ptr(ds[1]), y=b.ptr(y), relu=True, threads=2)
+    dx_separate = dx.copy()
+    k.backward("float32", *shape, b.ptr(dy), b.ptr(x), mean, var, scale=scale, dx=b.ptr(dy),
+               dscale=b.ptr(ds[0]), doffset=b.ptr(ds[1]), y=b.ptr(y), relu=True, threads=2)
+    np.testing.assert_allclose(dy, dx_separate, rtol=1e-6, atol=1e-6)
+    k.normalize("float32", *shape, b.ptr(x), b.ptr(side), mean, var, scale,
+                side_input=b.ptr(side), relu=True, threads=2)
+    np.testing.assert_allclose(side, y, rtol=1e-6, atol=1e-6)

@@ -602,10 +602,22 @@ void moments_impl(const Shape& s, const T* x, U* mean, U* var,
   merge_moments(s, g, pmean.data(), pm2.data(), mean, var, pf);
 }
 
-// y = (x - mean) * a + offset, per channel.
-template <typename T, typename U>
-void apply_impl(const Shape& s, const T* x, T* y, const U* mean, const U* a,
-                const U* offset, const ParallelFor& pf) {
+// The normalize pass's epilogue on a vector or a value v of the
+// accumulation type: relu(v) = 0 for v < 0, else v (NaN stays NaN).
+template <bool kRelu, typename V>
+inline V activate(V v) {
+  if constexpr (kRelu) {
+    return v < 0 ? V{} : v;
+  } else {
+    return v;
+  }
+}
+
+// y = activation((x - mean) * a + offset + side), per channel, rounded once;
+// kSide: side (x's layout) is added.
+template <bool kSide, bool kRelu, typename T, typename U>
+void apply_impl(const Shape& s, const T* x, const T* side, T* y, const U* mean,
+                const U* a, const U* offset, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
   using V = VecOf<T>;
   const int64_t C = s.channels;
@@ -619,26 +631,59 @@ void apply_impl(const Shape& s, const T* x, T* y, const U* mean, const U* a,
     const A* mm = m.data();
     const A* kk = k.data();
     const A* bb = b.data();
-    elementwise_pass(s, y, x, nullptr, pf, [&](int64_t r) {
+    elementwise_pass(s, y, x, side, pf, [&](int64_t r) {
       const T* xr = x + r * C;
+      const T* sr = kSide ? side + r * C : nullptr;
       return row_writer(
           [=](int64_t c) {
-            return (vload(xr + c) - vload_acc<V>(mm + c)) * vload_acc<V>(kk + c) +
-                   vload_acc<V>(bb + c);
+            V v = (vload(xr + c) - vload_acc<V>(mm + c)) * vload_acc<V>(kk + c) +
+                  vload_acc<V>(bb + c);
+            if constexpr (kSide) v += vload(sr + c);
+            return activate<kRelu>(v);
           },
-          [=](int64_t c) { return (load(xr[c]) - mm[c]) * kk[c] + bb[c]; });
+          [=](int64_t c) {
+            A v = (load(xr[c]) - mm[c]) * kk[c] + bb[c];
+            if constexpr (kSide) v += load(sr[c]);
+            return activate<kRelu>(v);
+          });
     });
   } else {
     const int64_t S = s.inner;
-    elementwise_pass(s, y, x, nullptr, pf, [&](int64_t r) {
+    elementwise_pass(s, y, x, side, pf, [&](int64_t r) {
       const int64_t c = r % C;
       const A mm = A(mean[c]), kk = A(a[c]);
       const A bb = offset ? A(offset[c]) : A(0);
       const T* xr = x + r * S;
+      const T* sr = kSide ? side + r * S : nullptr;
       return row_writer(
-          [=](int64_t i) { return (vload(xr + i) - mm) * kk + bb; },
-          [=](int64_t i) { return (load(xr[i]) - mm) * kk + bb; });
+          [=](int64_t i) {
+            V v = (vload(xr + i) - mm) * kk + bb;
+            if constexpr (kSide) v += vload(sr + i);
+            return activate<kRelu>(v);
+          },
+          [=](int64_t i) {
+            A v = (load(xr[i]) - mm) * kk + bb;
+            if constexpr (kSide) v += load(sr[i]);
+            return activate<kRelu>(v);
+          });
     });
+  }
+}
+
+// apply_impl for a run-time epilogue (side == nullptr: none).
+template <typename T, typename U>
+void apply(const Shape& s, const T* x, const T* side, bool relu, T* y,
+           const U* mean, const U* a, const U* offset, const ParallelFor& pf) {
+  if (side) {
+    if (relu) {
+      apply_impl<true, true>(s, x, side, y, mean, a, offset, pf);
+    } else {
+      apply_impl<true, false>(s, x, side, y, mean, a, offset, pf);
+    }
+  } else if (relu) {
+    apply_impl<false, true>(s, x, side, y, mean, a, offset, pf);
+  } else {
+    apply_impl<false, false>(s, x, side, y, mean, a, offset, pf);
   }
 }
 
@@ -705,20 +750,51 @@ Status forward_impl(const ForwardParams& p, const ParallelFor& pf) {
   }
   scale_factor(C, var.data(), static_cast<const U*>(p.scale), p.epsilon,
                inv_std, a.data());
-  apply_impl(s, x, static_cast<T*>(p.y), mean, a.data(),
-             static_cast<const U*>(p.offset), pf);
+  apply(s, x, static_cast<const T*>(p.side_input), p.relu,
+        static_cast<T*>(p.y), mean, a.data(), static_cast<const U*>(p.offset),
+        pf);
   return Status::Ok();
 }
 
-// Per-block sums of dy and dy * (x - mean), in double: each sub-block of
-// kSubRows rows (channels-last) or kSubChunk values (channels-first) is
-// summed in the accumulation type, then added in double, so the error does
-// not grow with the block length.
-template <typename T, typename U>
-void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
-                     const T* __restrict x, const U* mean,
-                     double* __restrict pdy, double* __restrict pdyx) {
+// The gradient that reaches the batch norm through the epilogue: dy where
+// the forward's y > 0, else 0 (kMask), or dy itself. d is exact in T.
+template <bool kMask, typename V>
+inline V masked(V d, V y) {
+  if constexpr (kMask) {
+    return y > V{} ? d : V{};
+  } else {
+    return d;
+  }
+}
+
+// Stores kLanesOf<T> values rounded to T (a plain store, any alignment).
+template <typename T>
+inline void vstore(T* p, VecOf<T> v) {
+  const auto bits = pack<T>(v);
+  std::memcpy(p, &bits, sizeof(bits));
+}
+
+// Per-block sums of g and g * (x - mean), in double, with g = dy masked by
+// y > 0 (kMask) or dy; kWrite: g is also written to gout, with
+// non-temporal stores when `stream` (see streamable(); gout is then not
+// dy's buffer, else the pass reads dy[i] before it writes gout[i]). Each
+// sub-block of kSubRows rows (channels-last) or kSubChunk values
+// (channels-first) is summed in the accumulation type, then added in
+// double, so the error does not grow with the block length.
+template <bool kMask, bool kWrite, typename T, typename U>
+void block_grad_sums(const Shape& s, const Unit& u, const T* dy,
+                     const T* __restrict x, const T* __restrict y, T* gout,
+                     bool stream, const U* mean, double* __restrict pdy,
+                     double* __restrict pdyx) {
   using A = typename AccOf<T>::type;
+  using V = VecOf<T>;
+  const auto put = [stream](T* p, V v) {
+    if (stream) {
+      vstream(p, v);
+    } else {
+      vstore(p, v);
+    }
+  };
   if (s.inner == 1) {
     const int64_t C = s.channels, w = u.c1 - u.c0;
     double* __restrict sd_out = pdy + u.block * C + u.c0;
@@ -728,35 +804,48 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
       sd_out[c] = sx_out[c] = 0.0;
       m[c] = A(mean[u.c0 + c]);
     }
-    using V = VecOf<T>;
     const T* __restrict xb = x + u.c0;
-    const T* __restrict db = dy + u.c0;
+    const T* db = dy + u.c0;
+    const T* __restrict yb = kMask ? y + u.c0 : nullptr;
+    T* gb = kWrite ? gout + u.c0 : nullptr;
     column_sums<T>(u.begin, u.end, w, m, sd_out, sx_out,
                    [&](int64_t r, int64_t c, V mu, V& a, V& b) {
-                     const V d = vload(db + r * C + c);
+                     const int64_t i = r * C + c;
+                     V d = vload(db + i);
+                     if constexpr (kMask) d = masked<kMask>(d, vload(yb + i));
+                     if constexpr (kWrite) put(gb + i, d);
                      a += d;
-                     b += d * (vload(xb + r * C + c) - mu);
+                     b += d * (vload(xb + i) - mu);
                    },
                    [&](int64_t r, int64_t c, A mu, A& a, A& b) {
-                     const A d = load(db[r * C + c]);
+                     const int64_t i = r * C + c;
+                     A d = load(db[i]);
+                     if constexpr (kMask) d = masked<kMask>(d, load(yb[i]));
+                     if constexpr (kWrite) gb[i] = store<T>(d);
                      a += d;
-                     b += d * (load(xb[r * C + c]) - mu);
+                     b += d * (load(xb[i]) - mu);
                    });
   } else {
     const int64_t off = (u.o * s.channels + u.c0) * s.inner;
     const T* __restrict xr = x + off;
-    const T* __restrict dr = dy + off;
+    const T* dr = dy + off;
+    const T* __restrict yr = kMask ? y + off : nullptr;
+    T* gr = kWrite ? gout + off : nullptr;
     const A m = A(mean[u.c0]);
     double sd_acc = 0.0, sx_acc = 0.0;
     for (int64_t i0 = u.begin; i0 < u.end; i0 += kSubChunk) {
       const int64_t i1 = std::min(u.end, i0 + kSubChunk);
-      A sums[2] = {0, 0};  // sum(dy), sum(dy * (x - mean))
+      A sums[2] = {0, 0};  // sum(g), sum(g * (x - mean))
       row_sums<T, 2>(i0, i1, [&](int64_t i, auto& acc) {
-        const auto d = vload(dr + i);
+        V d = vload(dr + i);
+        if constexpr (kMask) d = masked<kMask>(d, vload(yr + i));
+        if constexpr (kWrite) put(gr + i, d);
         acc[0] += d;
         acc[1] += d * (vload(xr + i) - m);
       }, [&](int64_t i, A* acc) {
-        const A d = load(dr[i]);
+        A d = load(dr[i]);
+        if constexpr (kMask) d = masked<kMask>(d, load(yr[i]));
+        if constexpr (kWrite) gr[i] = store<T>(d);
         acc[0] += d;
         acc[1] += d * (load(xr[i]) - m);
       }, sums);
@@ -768,14 +857,87 @@ void block_grad_sums(const Shape& s, const Unit& u, const T* __restrict dy,
   }
 }
 
+// The reduction pass of the backward: per-block partial sums (block_grad_sums
+// for a run-time epilogue: y masks, gout receives g).
+template <typename T, typename U>
+void grad_sums_pass(const Shape& s, const Blocks& g, const T* dy, const T* x,
+                    const T* y, T* gout, const U* mean, double* pdy,
+                    double* pdyx, const ParallelFor& pf) {
+  const int64_t n = s.inner == 1 ? s.channels : s.inner;
+  const bool stream = gout && streamable(gout, n, s.size(), dy, x);
+  const int64_t units = g.units(s);
+  const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
+  const auto run = [&](auto mask, auto write) {
+    pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
+      for_units(s, g, u0, u1, [&](const Unit& u) {
+        block_grad_sums<decltype(mask)::value, decltype(write)::value>(
+            s, u, dy, x, y, gout, stream, mean, pdy, pdyx);
+      });
+      if (stream) _mm_sfence();
+    });
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (y) {
+    if (gout) {
+      run(Yes(), Yes());
+    } else {
+      run(Yes(), No());
+    }
+  } else if (gout) {
+    run(No(), Yes());
+  } else {
+    run(No(), No());
+  }
+}
+
+// dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
+template <typename T, typename A>
+void dx_pass(const Shape& s, const T* dy, const T* x, T* dx, const A* k_dy,
+             const A* k_x, const A* k_0, const A* m, const ParallelFor& pf) {
+  using V = VecOf<T>;
+  const int64_t C = s.channels;
+  if (s.inner == 1) {
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const T* xr = x + r * C;
+      const T* dr = dy + r * C;
+      return row_writer(
+          [=](int64_t c) {
+            return vload_acc<V>(k_dy + c) * vload(dr + c) +
+                   vload_acc<V>(k_x + c) * (vload(xr + c) - vload_acc<V>(m + c)) +
+                   vload_acc<V>(k_0 + c);
+          },
+          [=](int64_t c) {
+            return k_dy[c] * load(dr[c]) + k_x[c] * (load(xr[c]) - m[c]) + k_0[c];
+          });
+    });
+  } else {
+    const int64_t S = s.inner;
+    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
+      const int64_t c = r % C;
+      const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
+      const T* xr = x + r * S;
+      const T* dr = dy + r * S;
+      return row_writer(
+          [=](int64_t i) { return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0; },
+          [=](int64_t i) { return kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0; });
+    });
+  }
+}
+
+// The epilogue (relu: y given): the reduction pass writes g (dy masked by
+// y > 0) to dside, or to dx's buffer when dside is not wanted, and the dx
+// pass reads g for dy (see BackwardParams for why).
 template <typename T, typename U>
 Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   using A = typename AccOf<T>::type;
-  using V = VecOf<T>;
   const Shape& s = p.shape;
   const int64_t C = s.channels;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* y = p.relu ? static_cast<const T*>(p.y) : nullptr;
+  T* gout = static_cast<T*>(p.dside);
+  if (!gout && y) gout = static_cast<T*>(p.dx);
   const U* mean = static_cast<const U*>(p.saved_mean);
   const U* inv_std = static_cast<const U*>(p.saved_inv_std);
   const U* scale = static_cast<const U*>(p.scale);
@@ -785,13 +947,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   if (!given_dy) {
     const Blocks g(s);
     std::vector<double> pdy(g.row_blocks * C), pdyx(pdy.size());
-    const int64_t units = g.units(s);
-    const int64_t per_unit = s.size() / std::max<int64_t>(units, 1);
-    pf(units, per_unit * sizeof(T), [&](int64_t u0, int64_t u1) {
-      for_units(s, g, u0, u1, [&](const Unit& u) {
-        block_grad_sums(s, u, dy, x, mean, pdy.data(), pdyx.data());
-      });
-    });
+    grad_sums_pass(s, g, dy, x, y, gout, mean, pdy.data(), pdyx.data(), pf);
     // Sum the block partials in block order, in double.
     const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
     run((C + kMergeTile - 1) / kMergeTile, g.row_blocks * kMergeTile * 16,
@@ -809,7 +965,7 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   }
   U* dscale = given_dy ? nullptr : static_cast<U*>(p.dscale);
   U* doffset = given_dy ? nullptr : static_cast<U*>(p.doffset);
-  // dx = k_dy * dy + k_x * (x - mean) + k_0 per channel.
+  // dx = k_dy * g + k_x * (x - mean) + k_0 per channel.
   std::vector<A> k_dy(C), k_x(C), k_0(C), m(C);
   const double n = double(given_dy ? p.count : s.count());
   for (int64_t c = 0; c < C; ++c) {
@@ -826,36 +982,8 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   }
   if (!p.dx) return Status::Ok();
   T* dx = static_cast<T*>(p.dx);
-  if (s.inner == 1) {
-    const A* kd = k_dy.data();
-    const A* kx = k_x.data();
-    const A* k0 = k_0.data();
-    const A* mm = m.data();
-    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
-      const T* xr = x + r * C;
-      const T* dr = dy + r * C;
-      return row_writer(
-          [=](int64_t c) {
-            return vload_acc<V>(kd + c) * vload(dr + c) +
-                   vload_acc<V>(kx + c) * (vload(xr + c) - vload_acc<V>(mm + c)) +
-                   vload_acc<V>(k0 + c);
-          },
-          [=](int64_t c) {
-            return kd[c] * load(dr[c]) + kx[c] * (load(xr[c]) - mm[c]) + k0[c];
-          });
-    });
-  } else {
-    const int64_t S = s.inner;
-    elementwise_pass(s, dx, x, dy, pf, [&](int64_t r) {
-      const int64_t c = r % C;
-      const A kd = k_dy[c], kx = k_x[c], k0 = k_0[c], mm = m[c];
-      const T* xr = x + r * S;
-      const T* dr = dy + r * S;
-      return row_writer(
-          [=](int64_t i) { return kd * vload(dr + i) + kx * (vload(xr + i) - mm) + k0; },
-          [=](int64_t i) { return kd * load(dr[i]) + kx * (load(xr[i]) - mm) + k0; });
-    });
-  }
+  dx_pass(s, gout ? gout : dy, x, dx, k_dy.data(), k_x.data(), k_0.data(),
+          m.data(), pf);
   return Status::Ok();
 }
 
@@ -898,9 +1026,10 @@ Status normalize(const NormalizeParams& p, const ParallelFor& pf) {
     scale_factor(C, static_cast<const U*>(p.var),
                  static_cast<const U*>(p.scale), p.epsilon,
                  static_cast<U*>(nullptr), a.data());
-    apply_impl(p.shape, static_cast<const T*>(p.x), static_cast<T*>(p.y),
-               static_cast<const U*>(p.mean), a.data(),
-               static_cast<const U*>(p.offset), pf);
+    apply(p.shape, static_cast<const T*>(p.x),
+          static_cast<const T*>(p.side_input), p.relu, static_cast<T*>(p.y),
+          static_cast<const U*>(p.mean), a.data(),
+          static_cast<const U*>(p.offset), pf);
     return Status::Ok();
   });
 }
@@ -923,6 +1052,7 @@ Status forward(const ForwardParams& p, const ParallelFor& pf) {
 
 Status backward(const BackwardParams& p, const ParallelFor& pf) {
   if (p.shape.channels == 0) return Status::Ok();  // nothing to do
+  if (p.relu && !p.y) return Status::Error("backward: relu needs y");
   Status st = check_given_sums(p);
   if (!st.ok()) return st;
   return dispatch(p.dtype, [&](auto t, auto u) {

@@ -9,6 +9,10 @@
 //             channel in block order (Chan, in double). No atomics anywhere:
 //             results are bitwise identical run to run.
 //   apply:    y = (x - mean) * (scale * inv_std) + offset, or the dx formula.
+// The epilogue: the normalize apply adds a side input and applies relu in
+// float before its one rounding; the backward's reduction masks dy by the
+// forward's y > 0 and writes the masked dy (to dside, or to dx's buffer),
+// which its dx apply then reads in place of dy.
 // Finalising a training forward updates the moving statistics in the same
 // launch; the warm-up counter is read there and incremented once by the
 // following apply launch of the same forward (every block of the finalising
@@ -217,6 +221,8 @@ __global__ void __launch_bounds__(kThreads)
 struct ReduceArgs {
   const void* x = nullptr;
   const void* dy = nullptr;
+  const void* y = nullptr;  // kGrad with relu: dy is masked by y > 0
+  void* g = nullptr;        // kGrad: the (masked) dy is written here
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;        // channels-last: threads across channel vectors
   int64_t per = 0;   // rows (channels-last) or samples (channels-first) per
@@ -243,6 +249,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r1 = min(a.outer, r0 + a.per);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
+  const T* ym = static_cast<const T*>(a.y);
+  T* g = static_cast<T*>(a.g);
   float sa[VEC], sb[VEC], mc[VEC], n = 0.f;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = mc[v] = 0.f;
@@ -258,6 +266,13 @@ __global__ void __launch_bounds__(kThreads)
       if (K == Kind::kGrad) {
         float dv[VEC];
         load<VEC>(dy + r * C + c0, dv);
+        if (ym) {
+          float yv[VEC];
+          load<VEC>(ym + r * C + c0, yv);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
+        }
+        if (g) store<VEC>(g + r * C + c0, dv);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           sa[v] += dv[v];
@@ -330,6 +345,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n1 = min(a.outer, n0 + a.per);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
+  const T* ym = static_cast<const T*>(a.y);
+  T* g = static_cast<T*>(a.g);
   const float mc = K == Kind::kGrad ? a.f.grad_mean[c] : 0.f;
   // Moments: (n, mean, m2). Grad: (unused, sum dy, sum dy*(x-mean)).
   Welford w{0.f, 0.f, 0.f};
@@ -338,10 +355,14 @@ __global__ void __launch_bounds__(kThreads)
     const T* xr = x + off;
     if (K == Kind::kGrad) {
       const T* dr = dy + off;
+      const T* yr = ym ? ym + off : nullptr;
+      T* gr = g ? g + off : nullptr;
       for_row<VEC>(
           xr, S, lane, 32,
           [&](int64_t i) {
-            const float d = to_float(dr[i]);
+            float d = to_float(dr[i]);
+            if (yr && !(to_float(yr[i]) > 0.f)) d = 0.f;
+            if (gr) gr[i] = from_float<T>(d);
             w.mean += d;
             w.m2 += d * (to_float(xr[i]) - mc);
           },
@@ -349,6 +370,13 @@ __global__ void __launch_bounds__(kThreads)
             float xv[VEC], dv[VEC];
             load<VEC>(xr + i, xv);
             load<VEC>(dr + i, dv);
+            if (yr) {
+              float yv[VEC];
+              load<VEC>(yr + i, yv);
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
+            }
+            if (gr) store<VEC>(gr + i, dv);
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               w.mean += dv[v];
@@ -442,6 +470,8 @@ struct ApplyArgs {
   const void* x = nullptr;
   const void* dy = nullptr;  // backward only
   void* out = nullptr;       // y or dx
+  const void* side = nullptr;  // normalize epilogue: added before relu
+  bool relu = false;
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;
   // Normalize: per channel (mean, k = scale * inv_std, b = offset), with
@@ -491,6 +521,13 @@ __device__ __forceinline__ float apply1(const Coef& k, float x, float d) {
   return kGrad ? k.k * d + k.kx * (x - k.m) + k.b : (x - k.m) * k.k + k.b;
 }
 
+// The normalize epilogue on a value v: + side, then relu (v < 0 -> 0; NaN
+// stays NaN).
+__device__ __forceinline__ float epilogue(float v, float side, bool relu) {
+  v += side;
+  return relu && v < 0.f ? 0.f : v;
+}
+
 // Channels-last [M, C] elementwise pass. Thread (tx, ty) owns channels
 // [VEC * (blockIdx.x * TX + tx), +VEC) (coefficients in registers) and rows
 // blockIdx.y * TY + ty + k * gridDim.y * TY.
@@ -511,17 +548,20 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
   for (int v = 0; v < VEC; ++v) k[v] = coef_of<kGrad>(a, c0 + v, saver);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
+  const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
   const int64_t step = int64_t(gridDim.y) * TY;
 #pragma unroll 4
   for (int64_t r = int64_t(blockIdx.y) * TY + ty; r < a.outer; r += step) {
     const int64_t off = r * C + c0;
-    float xv[VEC], dv[VEC], ov[VEC];
+    float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
     load<VEC>(x + off, xv);
     if (kGrad) load<VEC>(dy + off, dv);
+    if (!kGrad && side) load<VEC>(side + off, sv);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
+      if (!kGrad) ov[v] = epilogue(ov[v], side ? sv[v] : 0.f, a.relu);
     }
     store<VEC>(out + off, ov);
   }
@@ -547,6 +587,7 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
   }
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
+  const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
   for (int64_t r = int64_t(blockIdx.x) * kWarps + warp; r < rows;
        r += int64_t(gridDim.x) * kWarps) {
@@ -559,20 +600,25 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
     k.kx = __shfl_sync(0xffffffffu, k.kx, 0);
     const T* xr = x + r * S;
     const T* dr = kGrad ? dy + r * S : nullptr;
+    const T* sr = !kGrad && side ? side + r * S : nullptr;
     T* orow = out + r * S;
     for_row<VEC>(
         xr, S, lane, 32,
         [&](int64_t i) {
           const float d = kGrad ? to_float(dr[i]) : 0.f;
-          orow[i] = from_float<T>(apply1<kGrad>(k, to_float(xr[i]), d));
+          float o = apply1<kGrad>(k, to_float(xr[i]), d);
+          if (!kGrad) o = epilogue(o, sr ? to_float(sr[i]) : 0.f, a.relu);
+          orow[i] = from_float<T>(o);
         },
         [&](int64_t i) {
-          float xv[VEC], dv[VEC], ov[VEC];
+          float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
           load<VEC>(xr + i, xv);
           if (kGrad) load<VEC>(dr + i, dv);
+          if (sr) load<VEC>(sr + i, sv);
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             ov[v] = apply1<kGrad>(k, xv[v], kGrad ? dv[v] : 0.f);
+            if (!kGrad) ov[v] = epilogue(ov[v], sr ? sv[v] : 0.f, a.relu);
           }
           store<VEC>(orow + i, ov);
         });
@@ -722,7 +768,7 @@ template <typename T, Kind K>
 Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
                   cudaStream_t stream) {
   constexpr int V = kVecBytes / sizeof(T);
-  const int vec = pick_vec(s, t, {a.x, a.dy});
+  const int vec = pick_vec(s, t, {a.x, a.dy, a.y, a.g});
   const ReduceGeo g = reduce_geo(s, vec);
   a.outer = s.outer;
   a.C = s.channels;
@@ -761,7 +807,7 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
 template <typename T, bool kGrad>
 Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   constexpr int V = kVecBytes / sizeof(T);
-  const int vec = pick_vec(s, t, {a.x, a.out, a.dy});
+  const int vec = pick_vec(s, t, {a.x, a.out, a.dy, a.side});
   a.outer = s.outer;
   a.C = s.channels;
   a.inner = s.inner;
@@ -841,6 +887,8 @@ Status normalize(const NormalizeParams& p, cudaStream_t stream) {
     a.epsilon = p.epsilon;
     a.scale = static_cast<const float*>(p.scale);
     a.offset = static_cast<const float*>(p.offset);
+    a.side = p.side_input;
+    a.relu = p.relu;
     return run_apply<T, false>(p.shape, p.dtype, a, stream);
   });
 }
@@ -886,6 +934,8 @@ Status forward(const ForwardParams& p, cudaStream_t stream) {
     a.epsilon = p.epsilon;
     a.scale = static_cast<const float*>(p.scale);
     a.offset = static_cast<const float*>(p.offset);
+    a.side = p.side_input;
+    a.relu = p.relu;
     if (p.training) {
       ReduceArgs r;
       r.x = p.x;
@@ -923,6 +973,9 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
         "backward: dy, x, saved_mean and saved_inv_std are required");
   }
   if (!p.workspace) return Status::Error("backward: workspace is required");
+  if (p.relu && !p.y && p.shape.size() > 0) {
+    return Status::Error("backward: relu needs y");
+  }
   st = check_given_sums(p);
   if (!st.ok()) return st;
   return dispatch(p.dtype, [&](auto tag) {
@@ -936,6 +989,8 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
     r.f.scale = static_cast<const float*>(p.scale);
     r.f.training = p.training;
     r.f.coef = coef;
+    r.y = p.relu ? p.y : nullptr;
+    r.g = p.dside ? p.dside : (p.relu ? p.dx : nullptr);
     Status s;
     if (p.sum_dy) {
       // Given sums: one small launch for the coefficients, then the dx pass.
@@ -957,7 +1012,7 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
     if (!s.ok() || !p.dx) return s;
     ApplyArgs a;
     a.x = p.x;
-    a.dy = p.dy;
+    a.dy = r.g ? r.g : p.dy;
     a.out = p.dx;
     a.mean = static_cast<const float*>(p.saved_mean);
     a.coef = coef;

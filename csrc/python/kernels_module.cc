@@ -220,7 +220,8 @@ PYBIND11_MODULE(_kernels, m) {
       [](const std::string& dtype, int64_t outer, int64_t channels,
          int64_t inner, uintptr_t x, uintptr_t y, uintptr_t mean,
          uintptr_t var, uintptr_t scale, uintptr_t offset, double epsilon,
-         const std::string& device, uintptr_t stream, int threads) {
+         const std::string& device, uintptr_t stream, int threads,
+         uintptr_t side_input, bool relu) {
         NormalizeParams p;
         p.dtype = parse_dtype(dtype);
         p.shape = make_shape(outer, channels, inner);
@@ -236,6 +237,8 @@ PYBIND11_MODULE(_kernels, m) {
         p.scale = ptr(scale);
         p.offset = ptr(offset);
         p.epsilon = epsilon;
+        p.side_input = ptr(side_input);
+        p.relu = relu;
         const Device d = parse_device(device);
         (void)stream;
         run(
@@ -253,8 +256,10 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("var"), py::arg("scale") = 0, py::arg("offset") = 0,
       py::arg("epsilon") = 1e-3, py::arg("device") = "cpu",
       py::arg("stream") = 0, py::arg("threads") = 1,
+      py::arg("side_input") = 0, py::arg("relu") = false,
       "y = (x - mean) * scale * rsqrt(var + epsilon) + offset; scale/offset "
-      "0 mean 1 and 0.");
+      "0 mean 1 and 0. Epilogue: y = relu(... + side_input) (side_input 0: "
+      "none; relu: max(., 0)), rounded once.");
 
   m.def(
       "update_moving_stats",
@@ -310,7 +315,7 @@ PYBIND11_MODULE(_kernels, m) {
          double epsilon, bool training, uintptr_t moving_mean,
          uintptr_t moving_var, uintptr_t num_updates, double momentum,
          bool unbiased_variance, const std::string& device, uintptr_t stream,
-         uintptr_t workspace, int threads) {
+         uintptr_t workspace, int threads, uintptr_t side_input, bool relu) {
         ForwardParams p;
         p.dtype = parse_dtype(dtype);
         p.shape = make_shape(outer, channels, inner);
@@ -343,6 +348,8 @@ PYBIND11_MODULE(_kernels, m) {
         p.momentum = momentum;
         p.unbiased_variance = unbiased_variance;
         p.workspace = ptr(workspace);
+        p.side_input = ptr(side_input);
+        p.relu = relu;
         const Device d = parse_device(device);
         (void)stream;
         run(
@@ -363,9 +370,10 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("num_updates") = 0, py::arg("momentum") = 0.99,
       py::arg("unbiased_variance") = true, py::arg("device") = "cpu",
       py::arg("stream") = 0, py::arg("workspace") = 0, py::arg("threads") = 1,
+      py::arg("side_input") = 0, py::arg("relu") = false,
       "Whole batch-norm forward (training: moments + moving update + "
       "normalize; inference: normalize with the moving statistics). Writes "
-      "y, saved_mean and saved_inv_std [C].");
+      "y, saved_mean and saved_inv_std [C]. Epilogue as in normalize.");
 
   m.def(
       "backward",
@@ -374,7 +382,7 @@ PYBIND11_MODULE(_kernels, m) {
          uintptr_t saved_inv_std, uintptr_t scale, bool training,
          uintptr_t dx, uintptr_t dscale, uintptr_t doffset,
          const std::string& device, uintptr_t stream, uintptr_t workspace,
-         int threads) {
+         int threads, uintptr_t y, bool relu, uintptr_t dside) {
         BackwardParams p;
         p.dtype = parse_dtype(dtype);
         p.shape = make_shape(outer, channels, inner);
@@ -392,6 +400,10 @@ PYBIND11_MODULE(_kernels, m) {
         p.dscale = ptr(dscale);
         p.doffset = ptr(doffset);
         p.workspace = ptr(workspace);
+        if (relu) require(y, "y (relu)");
+        p.y = ptr(y);
+        p.relu = relu;
+        p.dside = ptr(dside);
         const Device d = parse_device(device);
         (void)stream;
         run(
@@ -410,8 +422,11 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("training") = true, py::arg("dx") = 0, py::arg("dscale") = 0,
       py::arg("doffset") = 0, py::arg("device") = "cpu",
       py::arg("stream") = 0, py::arg("workspace") = 0, py::arg("threads") = 1,
+      py::arg("y") = 0, py::arg("relu") = false, py::arg("dside") = 0,
       "Backward of forward(): dx (optional), dscale = sum(dy * x_hat), "
-      "doffset = sum(dy). training=False is frozen batch norm.");
+      "doffset = sum(dy). training=False is frozen batch norm. relu: dy is "
+      "first masked by the forward's y > 0; dside (optional) receives the "
+      "masked dy, the side input's gradient.");
 
   m.def("cuda_driver_check",
         [](int driver_version, int runtime_version) {

@@ -107,6 +107,44 @@ inline absl::Status CheckAttrs(float epsilon, float momentum) {
   return absl::OkStatus();
 }
 
+// The epilogue's optional side input: the list input "side_input" (at most
+// one tensor, x's shape). *side is nullptr when it is absent; *index is its
+// input index.
+inline absl::Status SideInput(OpKernelContext* ctx, const Tensor& x,
+                              const Tensor** side, int* index) {
+  *side = nullptr;
+  OpInputList list;
+  int start, stop;
+  TF_RETURN_IF_ERROR(ctx->input_list("side_input", &list));
+  TF_RETURN_IF_ERROR(ctx->op_kernel().InputRange("side_input", &start, &stop));
+  if (list.size() > 1) {
+    return errors::InvalidArgument("side_input takes at most one tensor, got ",
+                                   list.size());
+  }
+  if (list.size() == 1) {
+    if (list[0].shape() != x.shape()) {
+      return errors::InvalidArgument("side_input must have x's shape ",
+                                     x.shape().DebugString(), ", got ",
+                                     list[0].shape().DebugString());
+    }
+    *side = &list[0];
+    *index = start;
+  }
+  return absl::OkStatus();
+}
+
+// The "activation" attr: true for 'relu'.
+inline absl::Status ReluAttr(OpKernelConstruction* ctx, bool* relu) {
+  std::string activation;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("activation", &activation));
+  if (activation != "none" && activation != "relu") {
+    return errors::InvalidArgument(
+        "activation must be 'none' or 'relu', got '", activation, "'");
+  }
+  *relu = activation == "relu";
+  return absl::OkStatus();
+}
+
 // A looked-up resource variable with the checks every caller needs.
 inline absl::Status LookupVar(OpKernelContext* ctx, const Tensor& handle,
                               const char* name, DataType dtype,
@@ -236,6 +274,7 @@ class ForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("unbiased_variance", &unbiased_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("data_format", &format_));
     OP_REQUIRES_OK(ctx, CheckAttrs(epsilon_, momentum_));
+    OP_REQUIRES_OK(ctx, ReluAttr(ctx, &relu_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -263,11 +302,17 @@ class ForwardOp : public OpKernel {
                     "training needs at least 2 values per channel to compute "
                     "batch statistics, got ", shape.count(), " for x of shape ",
                     x.shape().DebugString()));
+    const Tensor* side;
+    int side_index = 0;
+    OP_REQUIRES_OK(ctx, SideInput(ctx, x, &side, &side_index));
     MovingVars<U> mv;
     OP_REQUIRES_OK(ctx, mv.Lookup(ctx, means, vars, counters, c));
 
     Tensor *y, *saved_mean, *saved_inv_std;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, side ? ctx->forward_input_or_allocate_output(
+                                   {0, side_index}, 0, x.shape(), &y)
+                             : ctx->forward_input_or_allocate_output(
+                                   {0}, 0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &saved_mean));
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(2, TensorShape({c}), &saved_inv_std));
@@ -286,6 +331,8 @@ class ForwardOp : public OpKernel {
     p.unbiased_variance = unbiased_;
     p.saved_mean = saved_mean->data();
     p.saved_inv_std = saved_inv_std->data();
+    p.side_input = side ? side->data() : nullptr;
+    p.relu = relu_;
     // Only the variables this call uses are locked: inference with a counter
     // never touches the counter.
     VarLocks locks(training ? mv.all()
@@ -304,7 +351,7 @@ class ForwardOp : public OpKernel {
 
  private:
   float epsilon_, momentum_;
-  bool unbiased_;
+  bool unbiased_, relu_;
   std::string format_;
 };
 
@@ -330,10 +377,26 @@ class ForwardGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(4), "saved_inv_std", c));
     bool training = false;
     OP_REQUIRES_OK(ctx, ReadTraining(ctx, 5, &training));
-    Tensor *dx, *dscale, *doffset;
+    // The epilogue: y given means the forward applied relu.
+    OpInputList ys;
+    OP_REQUIRES_OK(ctx, ctx->input_list("y", &ys));
+    OP_REQUIRES(ctx, ys.size() <= 1,
+                errors::InvalidArgument("y takes at most one tensor, got ",
+                                        ys.size()));
+    OP_REQUIRES(ctx, ys.size() == 0 || ys[0].shape() == x.shape(),
+                errors::InvalidArgument("y must have x's shape ",
+                                        x.shape().DebugString(), ", got ",
+                                        ys[0].shape().DebugString()));
+    OpOutputList dsides;
+    OP_REQUIRES_OK(ctx, ctx->output_list("dside", &dsides));
+    OP_REQUIRES(ctx, dsides.size() <= 1,
+                errors::InvalidArgument("num_dside must be 0 or 1, got ",
+                                        dsides.size()));
+    Tensor *dx, *dscale, *doffset, *dside = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({c}), &doffset));
+    if (dsides.size() == 1) OP_REQUIRES_OK(ctx, dsides.allocate(0, x.shape(), &dside));
     if (c == 0) return;
     kernels::BackwardParams p;
     p.dtype = DTypeOf<T>();
@@ -347,6 +410,9 @@ class ForwardGradOp : public OpKernel {
     p.dx = dx->data();
     p.dscale = dscale->data();
     p.doffset = doffset->data();
+    p.relu = ys.size() == 1;
+    p.y = p.relu ? ys[0].data() : nullptr;
+    p.dside = dside ? dside->data() : nullptr;
     OP_REQUIRES_OK(ctx, Backend<Device>::Backward(ctx, p));
   }
 
@@ -394,6 +460,7 @@ class NormalizeOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("data_format", &format_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
     OP_REQUIRES_OK(ctx, CheckAttrs(epsilon_, 0.f));
+    OP_REQUIRES_OK(ctx, ReluAttr(ctx, &relu_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -405,8 +472,14 @@ class NormalizeOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "variance", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "scale", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(4), "offset", c));
+    const Tensor* side;
+    int side_index = 0;
+    OP_REQUIRES_OK(ctx, SideInput(ctx, x, &side, &side_index));
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, side ? ctx->forward_input_or_allocate_output(
+                                   {0, side_index}, 0, x.shape(), &y)
+                             : ctx->forward_input_or_allocate_output(
+                                   {0}, 0, x.shape(), &y));
     if (c == 0) return;
     kernels::NormalizeParams p;
     p.dtype = DTypeOf<T>();
@@ -418,12 +491,15 @@ class NormalizeOp : public OpKernel {
     p.scale = ctx->input(3).data();
     p.offset = ctx->input(4).data();
     p.epsilon = epsilon_;
+    p.side_input = side ? side->data() : nullptr;
+    p.relu = relu_;
     OP_REQUIRES_OK(ctx, Backend<Device>::Normalize(ctx, p));
   }
 
  private:
   std::string format_;
   float epsilon_;
+  bool relu_;
 };
 
 template <typename Device, typename U>

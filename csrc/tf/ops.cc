@@ -1,4 +1,6 @@
 // Op definitions and shape functions. Every op is namespaced "FusedBn>".
+#include <vector>
+
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -51,6 +53,23 @@ absl::Status Scalar(InferenceContext* c, int index, const char* name) {
   return absl::OkStatus();
 }
 
+// The optional list input `name` (at most one tensor) must have x's shape;
+// *x is merged with it.
+absl::Status OptionalLikeX(InferenceContext* c, const char* name, ShapeHandle* x) {
+  std::vector<ShapeHandle> list;
+  TF_RETURN_IF_ERROR(c->input(name, &list));
+  if (list.size() > 1) {
+    return errors::InvalidArgument(name, " takes at most one tensor, got ",
+                                   list.size());
+  }
+  if (!list.empty() && !c->Merge(*x, list[0], x).ok()) {
+    return errors::InvalidArgument(name, " must have x's shape ",
+                                   c->DebugString(*x), ", got ",
+                                   c->DebugString(list[0]));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("FusedBn>Forward")
@@ -60,6 +79,7 @@ REGISTER_OP("FusedBn>Forward")
     .Input("moving_mean: num_moving * resource")
     .Input("moving_variance: num_moving * resource")
     .Input("num_updates: num_counters * resource")
+    .Input("side_input: num_side * T")
     .Input("training: bool")
     .Output("y: T")
     .Output("saved_mean: U")
@@ -68,10 +88,12 @@ REGISTER_OP("FusedBn>Forward")
     .Attr("U: {float, double}")
     .Attr("num_moving: int >= 0")
     .Attr("num_counters: int >= 0")
+    .Attr("num_side: int >= 0 = 0")
     .Attr("epsilon: float")
     .Attr("momentum: float")
     .Attr("unbiased_variance: bool = true")
     .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .Attr("activation: {'none', 'relu'} = 'none'")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
       DimensionHandle ch;
@@ -79,7 +101,9 @@ REGISTER_OP("FusedBn>Forward")
       TF_RETURN_IF_ERROR(ChannelVector(c, 1, "scale", &ch));
       TF_RETURN_IF_ERROR(ChannelVector(c, 2, "offset", &ch));
       TF_RETURN_IF_ERROR(Scalar(c, c->num_inputs() - 1, "training"));
-      c->set_output(0, c->input(0));
+      ShapeHandle y = c->input(0);
+      TF_RETURN_IF_ERROR(OptionalLikeX(c, "side_input", &y));
+      c->set_output(0, y);
       c->set_output(1, c->Vector(ch));
       c->set_output(2, c->Vector(ch));
       return absl::OkStatus();
@@ -88,7 +112,8 @@ REGISTER_OP("FusedBn>Forward")
 Batch-norm forward. Training: batch moments, normalize, in-place moving
 average update of moving_mean/moving_variance (and num_updates). Inference:
 normalize with the moving statistics. saved_mean/saved_inv_std are the
-statistics used, for the gradient.
+statistics used, for the gradient. Epilogue: y = activation(bn(x) +
+side_input) (side_input optional, x's shape), in the normalize pass.
 )doc");
 
 REGISTER_OP("FusedBn>ForwardGrad")
@@ -98,12 +123,16 @@ REGISTER_OP("FusedBn>ForwardGrad")
     .Input("saved_mean: U")
     .Input("saved_inv_std: U")
     .Input("training: bool")
+    .Input("y: num_y * T")
     .Output("dx: T")
     .Output("dscale: U")
     .Output("doffset: U")
+    .Output("dside: num_dside * T")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("U: {float, double}")
     .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .Attr("num_y: int >= 0 = 0")
+    .Attr("num_dside: int >= 0 = 0")
     .SetShapeFn([](InferenceContext* c) {
       DimensionHandle ch;
       TF_RETURN_IF_ERROR(ChannelDim(c, 1, &ch));
@@ -113,11 +142,23 @@ REGISTER_OP("FusedBn>ForwardGrad")
       TF_RETURN_IF_ERROR(ChannelVector(c, 3, "saved_mean", &ch));
       TF_RETURN_IF_ERROR(ChannelVector(c, 4, "saved_inv_std", &ch));
       TF_RETURN_IF_ERROR(Scalar(c, 5, "training"));
+      TF_RETURN_IF_ERROR(OptionalLikeX(c, "y", &x));
+      int num_dside;
+      TF_RETURN_IF_ERROR(c->GetAttr("num_dside", &num_dside));
+      if (num_dside > 1) {
+        return errors::InvalidArgument("num_dside must be 0 or 1, got ", num_dside);
+      }
       c->set_output(0, x);
       c->set_output(1, c->Vector(ch));
       c->set_output(2, c->Vector(ch));
+      if (num_dside == 1) c->set_output(3, x);
       return absl::OkStatus();
-    });
+    })
+    .Doc(R"doc(
+Gradient of Forward. y (optional): the forward's output when its activation
+was relu; dy is then masked by y > 0 first. dside (num_dside = 1): the
+gradient of the forward's side_input, the masked dy.
+)doc");
 
 REGISTER_OP("FusedBn>BackwardReduce")
     .Input("dy: T")
@@ -199,11 +240,14 @@ REGISTER_OP("FusedBn>Normalize")
     .Input("variance: U")
     .Input("scale: U")
     .Input("offset: U")
+    .Input("side_input: num_side * T")
     .Output("y: T")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("U: {float, double}")
     .Attr("epsilon: float")
     .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .Attr("num_side: int >= 0 = 0")
+    .Attr("activation: {'none', 'relu'} = 'none'")
     .SetShapeFn([](InferenceContext* c) {
       DimensionHandle ch;
       TF_RETURN_IF_ERROR(ChannelDim(c, 0, &ch));
@@ -211,9 +255,15 @@ REGISTER_OP("FusedBn>Normalize")
       TF_RETURN_IF_ERROR(ChannelVector(c, 2, "variance", &ch));
       TF_RETURN_IF_ERROR(ChannelVector(c, 3, "scale", &ch));
       TF_RETURN_IF_ERROR(ChannelVector(c, 4, "offset", &ch));
-      c->set_output(0, c->input(0));
+      ShapeHandle y = c->input(0);
+      TF_RETURN_IF_ERROR(OptionalLikeX(c, "side_input", &y));
+      c->set_output(0, y);
       return absl::OkStatus();
-    });
+    })
+    .Doc(R"doc(
+y = activation((x - mean) * scale * rsqrt(variance + epsilon) + offset +
+side_input), side_input optional (x's shape).
+)doc");
 
 REGISTER_OP("FusedBn>UpdateMovingStats")
     .Input("moving_mean: resource")

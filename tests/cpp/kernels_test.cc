@@ -445,6 +445,113 @@ void run_case(const Case& k, uint64_t seed) {
     }
   }
 
+  // normalize with the epilogue: y = relu(bn(x) + side), and its backward:
+  // dy masked by y > 0 (the masked dy written to dside), serial == threaded.
+  {
+    Buf side(t, size), y(t, size), y2(t, size);
+    for (int64_t j = 0; j < size; ++j) side.set(j, 1.5 * normal(rng) - 0.3);
+    Stat m(t, C), v(t, C);
+    std::vector<double> md(C), vd(C), sid(C);
+    for (int64_t c = 0; c < C; ++c) {
+      md[c] = m.set(c, mean[c]);
+      vd[c] = v.set(c, var[c]);
+    }
+    fused_bn::NormalizeParams p;
+    p.dtype = t;
+    p.shape = s;
+    p.x = x.data();
+    p.y = y.data();
+    p.mean = m.data();
+    p.var = v.data();
+    p.scale = scale.data();
+    p.offset = offset.data();
+    p.epsilon = epsilon;
+    p.side_input = side.data();
+    p.relu = true;
+    check(tag + " epilogue normalize status", cpu::normalize(p, cpu::Serial()).ok());
+    p.y = y2.data();
+    check(tag + " epilogue normalize threaded status", cpu::normalize(p, Threaded(3)).ok());
+    check(tag + " epilogue normalize bitwise serial == threaded", y.bytes == y2.bytes);
+    for (int64_t j = 0; j < size; ++j) {
+      const int64_t c = (j / s.inner) % C;
+      const double inv = 1.0 / std::sqrt(vd[c] + epsilon);
+      const double v0 = (x.ref[j] - md[c]) * inv * scale_d[c] + offset_d[c] + side.ref[j];
+      const double want = std::max(v0, 0.0);
+      const double tol = 2 * es * (std::fabs(v0) + std::fabs(side.ref[j]) + 1e-3) +
+                         8 * ea * (1 + std::fabs(x.ref[j]) * inv) * scale_d[c];
+      if (std::fabs(y.get(j) - want) > tol || std::isnan(y.get(j)) || y.get(j) < 0) {
+        check_close(tag + " epilogue normalize y[" + std::to_string(j) + "]", y.get(j), want,
+                    tol);
+        break;
+      }
+      ++g_checks;
+    }
+    Stat si(t, C), dscale(t, C), doffset(t, C), ds2(t, C), do2(t, C);
+    for (int64_t c = 0; c < C; ++c) sid[c] = si.set(c, 1.0 / std::sqrt(var[c] + epsilon));
+    Buf dx(t, size), dx2(t, size), dside(t, size), dside2(t, size);
+    fused_bn::BackwardParams b;
+    b.dtype = t;
+    b.shape = s;
+    b.dy = dy.data();
+    b.x = x.data();
+    b.scale = scale.data();
+    b.saved_mean = m.data();
+    b.saved_inv_std = si.data();
+    b.training = true;
+    b.dx = dx.data();
+    b.dscale = dscale.data();
+    b.doffset = doffset.data();
+    b.y = y.data();
+    b.relu = true;
+    b.dside = dside.data();
+    check(tag + " epilogue backward status", cpu::backward(b, cpu::Serial()).ok());
+    b.dx = dx2.data();
+    b.dscale = ds2.data();
+    b.doffset = do2.data();
+    b.dside = dside2.data();
+    check(tag + " epilogue backward threaded status", cpu::backward(b, Threaded(4)).ok());
+    check(tag + " epilogue backward bitwise serial == threaded",
+          dx.bytes == dx2.bytes && dside.bytes == dside2.bytes && dscale == ds2 &&
+              doffset == do2);
+    std::vector<double> gm(size);
+    for (int64_t j = 0; j < size; ++j) gm[j] = y.get(j) > 0 ? dy.ref[j] : 0.0;
+    bool exact = true;
+    for (int64_t j = 0; j < size; ++j) exact &= dside.get(j) == gm[j];
+    check(tag + " epilogue dside == masked dy", exact);
+    for (int64_t c = 0; c < C; ++c) {
+      double sg = 0, sgx = 0, ag = 0, agx = 0;
+      for (int64_t o = 0; o < s.outer; ++o)
+        for (int64_t i = 0; i < s.inner; ++i) {
+          const int64_t j = at(s, o, c, i);
+          const double xh = (x.ref[j] - md[c]) * sid[c];
+          sg += gm[j];
+          sgx += gm[j] * xh;
+          ag += std::fabs(gm[j]);
+          agx += std::fabs(gm[j] * xh);
+        }
+      const std::string cs = " c=" + std::to_string(c);
+      const double xscale = 1 + std::fabs(md[c]) * sid[c];
+      check_close(tag + " epilogue doffset" + cs, doffset.get(c), sg, g * ea * ag + 1e-30);
+      check_close(tag + " epilogue dscale" + cs, dscale.get(c), sgx,
+                  g * ea * ag * xscale + 1e-30);
+      const double kd = scale_d[c] * sid[c];
+      for (int64_t o = 0, done = 0; o < s.outer && !done; ++o)
+        for (int64_t i = 0; i < s.inner; ++i) {
+          const int64_t j = at(s, o, c, i);
+          const double xh = (x.ref[j] - md[c]) * sid[c];
+          const double want = kd * (gm[j] - sg / n - xh * sgx / n);
+          const double mag = kd * (std::fabs(gm[j]) + ag / n + std::fabs(xh) * agx / n);
+          const double tol = 2 * es * (std::fabs(want) + 1e-3 * kd) + g * ea * mag * xscale;
+          if (std::fabs(dx.get(j) - want) > tol || std::isnan(dx.get(j))) {
+            check_close(tag + " epilogue dx[" + std::to_string(j) + "]", dx.get(j), want, tol);
+            done = 1;
+            break;
+          }
+          ++g_checks;
+        }
+    }
+  }
+
   // backward, training and frozen, from the reference statistics
   for (bool training : {true, false}) {
     const std::string bt = tag + (training ? " backward(train)" : " backward(frozen)");

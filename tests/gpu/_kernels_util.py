@@ -381,8 +381,9 @@ def check_update(k, b, dtype, channels, count, warmup_t, unbiased, momentum=0.9)
 
 
 def run_forward(k, b, dtype, shape, x, training, offset=0, warmup_t=3,
-                momentum=0.9, unbiased=True, seed=0):
-    """Runs forward; returns dict of host results and the inputs used."""
+                momentum=0.9, unbiased=True, seed=0, side=None, relu=False):
+    """Runs forward (with the epilogue: side input array `side`, `relu`);
+    returns dict of host results and the inputs used."""
     c = shape[1]
     u = stat_dtype(dtype)
     rng = np.random.default_rng(seed + 2)
@@ -396,12 +397,13 @@ def run_forward(k, b, dtype, shape, x, training, offset=0, warmup_t=3,
     saved_m, saved_r = b.put(np.zeros(c, u)), b.put(np.zeros(c, u))
     counter = None if warmup_t is None else b.put(np.array([warmup_t], np.int64))
     ws = b.workspace(k.forward_workspace_bytes(dtype, *shape))
+    sideb = None if side is None else b.put(side, offset, dtype)
     k.forward(dtype, *shape, b.ptr(xb), b.ptr(yb), b.ptr(saved_m), b.ptr(saved_r),
               scale=b.ptr(sb), offset=b.ptr(ob), epsilon=1e-3, training=training,
               moving_mean=b.ptr(mmb), moving_var=b.ptr(mvb),
               num_updates=b.ptr(counter), momentum=momentum,
               unbiased_variance=unbiased, device=b.device, workspace=b.ptr(ws),
-              **b.extra())
+              side_input=b.ptr(sideb), relu=relu, **b.extra())
     out = {"y": b.get(yb), "saved_mean": b.get(saved_m), "saved_inv_std": b.get(saved_r),
            "moving_mean": b.get(mmb), "moving_var": b.get(mvb),
            "counter": None if counter is None else int(b.get(counter)[0])}
@@ -438,7 +440,9 @@ def check_forward(k, b, dtype, shape, training, offset=0, warmup_t=3, unbiased=T
 
 
 def run_backward(k, b, dtype, shape, x, dy, training, offset=0, with_dx=True,
-                 seed=0):
+                 seed=0, y=None, relu=False, with_dside=False):
+    """Runs backward (relu: dy masked by y > 0; with_dside: the masked dy
+    written to a dside buffer, returned as out["dside"])."""
     c = shape[1]
     u = stat_dtype(dtype)
     mean, var = ref_moments(x)
@@ -451,11 +455,14 @@ def run_backward(k, b, dtype, shape, x, dy, training, offset=0, with_dx=True,
     smb, srb, scb = b.put(saved_m), b.put(saved_r), b.put(scale)
     dsb, dob = b.put(np.zeros(c, u)), b.put(np.zeros(c, u))
     ws = b.workspace(k.backward_workspace_bytes(dtype, *shape))
+    yb = None if y is None else b.put(y, offset, dtype)
+    dsideb = b.put(np.zeros_like(x), offset, dtype) if with_dside else None
     k.backward(dtype, *shape, b.ptr(dyb), b.ptr(xb), b.ptr(smb), b.ptr(srb),
                scale=b.ptr(scb), training=training, dx=b.ptr(dxb), dscale=b.ptr(dsb),
-               doffset=b.ptr(dob), device=b.device, workspace=b.ptr(ws), **b.extra())
+               doffset=b.ptr(dob), device=b.device, workspace=b.ptr(ws),
+               y=b.ptr(yb), relu=relu, dside=b.ptr(dsideb), **b.extra())
     out = {"dx": b.get(dxb) if with_dx else None, "dscale": b.get(dsb),
-           "doffset": b.get(dob)}
+           "doffset": b.get(dob), "dside": b.get(dsideb) if with_dside else None}
     return out, (saved_m, saved_r, scale)
 
 
@@ -514,3 +521,98 @@ def check_backward_apply(k, b, dtype, shape, offset=0, seed=0):
         ref = (f(scale)[None, :, None] * inv
                * (f(dy) - f(s_dy)[None, :, None] / n - xhat * f(s_dyxh)[None, :, None] / n))
         assert_out(got, ref, dtype, "dx from given sums")
+
+
+# ---------------------------------------------------------------- epilogue
+# y = relu(bn(x) + side_input) in the normalize pass; the backward masks dy
+# by the forward's y > 0 and returns the masked dy as d(side_input).
+
+def ref_epilogue(y, side, relu):
+    """float64 activation(y + side) (side None: none)."""
+    v = np.asarray(y, np.float64)
+    if side is not None:
+        v = v + np.asarray(side, np.float64)
+    return np.maximum(v, 0.0) if relu else v
+
+
+def make_side(shape, dtype, seed=0):
+    """A side input of x's scale, so that relu clips about half the values."""
+    rng = np.random.default_rng(seed + 10)
+    return quantize(rng.standard_normal(shape) * 1.5 - 0.3, dtype)
+
+
+def check_normalize_epilogue(k, b, dtype, shape, relu, side=True, offset=0, seed=0):
+    x = make_x(shape, dtype, seed)
+    c = shape[1]
+    u = stat_dtype(dtype)
+    rng = np.random.default_rng(seed + 1)
+    mean = (3 + rng.standard_normal(c)).astype(u)
+    var = (0.5 + rng.random(c)).astype(u)
+    scale = (1 + 0.5 * rng.standard_normal(c)).astype(u)
+    off = rng.standard_normal(c).astype(u)
+    s = make_side(shape, dtype, seed) if side else None
+    xb = b.put(x, offset, dtype)
+    yb = b.put(np.zeros_like(x), offset, dtype)
+    sideb = None if s is None else b.put(s, offset, dtype)
+    bufs = [b.put(a) for a in (mean, var, scale, off)]
+    k.normalize(dtype, *shape, b.ptr(xb), b.ptr(yb), *[b.ptr(t) for t in bufs],
+                epsilon=1e-3, device=b.device, side_input=b.ptr(sideb), relu=relu,
+                **b.extra())
+    ref = ref_epilogue(ref_normalize(x, mean.astype(np.float64), var,
+                                     scale.astype(np.float64), off.astype(np.float64),
+                                     1e-3), s, relu)
+    got = b.get(yb)
+    assert_out(got, ref, dtype, "y")
+    if relu:
+        assert np.all(np.asarray(got, np.float64) >= 0) and np.any(ref == 0)
+
+
+def check_forward_epilogue(k, b, dtype, shape, training, relu, side=True, offset=0,
+                           seed=0):
+    """y against float64; every other output bitwise equal to the forward
+    without the epilogue (moving statistics, counter, saved statistics)."""
+    x = make_x(shape, dtype, seed)
+    s = make_side(shape, dtype, seed) if side else None
+    out, inp = run_forward(k, b, dtype, shape, x, training, offset, seed=seed,
+                           side=s, relu=relu)
+    plain, _ = run_forward(k, b, dtype, shape, x, training, offset, seed=seed)
+    for name in ("saved_mean", "saved_inv_std", "moving_mean", "moving_var"):
+        assert out[name].tobytes() == plain[name].tobytes(), name
+    assert out["counter"] == plain["counter"]
+    f64 = {n: a.astype(np.float64) for n, a in inp.items()}
+    if training:
+        mean, var = ref_moments(x)
+    else:
+        mean, var = f64["mm"], f64["mv"]
+    ref = ref_epilogue(ref_normalize(x, mean, var, f64["scale"], f64["offset"], 1e-3),
+                       s, relu)
+    assert_out(out["y"], ref, dtype, "y")
+
+
+def check_backward_epilogue(k, b, dtype, shape, training, relu, with_dside=True,
+                            with_dx=True, offset=0, seed=0):
+    """dx, dscale, doffset against float64 given the masked dy; dside equal
+    to the masked dy exactly."""
+    x = make_x(shape, dtype, seed)
+    rng = np.random.default_rng(seed + 4)
+    dy = quantize(rng.standard_normal(shape), dtype)
+    # The forward's y: about half of it <= 0, some exact zeros.
+    y = np.asarray(rng.standard_normal(shape))
+    y[rng.random(shape) < 0.1] = 0.0
+    y = quantize(np.maximum(y, -0.5) if relu else y, dtype)
+    out, (sm, sr, scale) = run_backward(k, b, dtype, shape, x, dy, training, offset,
+                                        with_dx, seed, y=y, relu=relu,
+                                        with_dside=with_dside)
+    g = np.where(np.asarray(y, np.float64) > 0, np.asarray(dy, np.float64), 0.0) \
+        if relu else np.asarray(dy, np.float64)
+    if with_dside:
+        np.testing.assert_array_equal(np.asarray(out["dside"], np.float64), g)
+    dx, dscale, doffset = ref_backward(g, x, sm, sr, scale, training)
+    mag = np.abs(g).sum(axis=(0, 2))
+    xh = np.abs((np.asarray(x, np.float64) - sm.astype(np.float64)[None, :, None])
+                * sr.astype(np.float64)[None, :, None])
+    assert_stat(out["doffset"], doffset, dtype, "doffset", scale=float(mag.max()) + 1e-30)
+    assert_stat(out["dscale"], dscale, dtype, "dscale",
+                scale=float((np.abs(g) * xh).sum(axis=(0, 2)).max()) + 1e-30)
+    if with_dx:
+        assert_out(out["dx"], dx, dtype, "dx")

@@ -116,3 +116,43 @@ def test_counter_increments_once_per_training_forward(k, buf):
     x = ku.make_x(shape, "float32")
     out, _ = ku.run_forward(k, buf, "float32", shape, x, True, warmup_t=0)
     assert out["counter"] == 1
+
+
+# The epilogue y = relu(bn(x) + side_input) and its backward (dy masked by
+# the forward's y > 0, the masked dy as d(side_input)).
+EPILOGUES = [(True, False), (False, True), (True, True)]
+EPILOGUE_IDS = ["side", "relu", "side+relu"]
+
+
+@pytest.mark.parametrize("side,relu", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_epilogue(k, buf, dtype, shape, offset, side, relu):
+    ku.check_normalize_epilogue(k, buf, dtype, shape, relu, side, offset)
+
+
+@pytest.mark.parametrize("side,relu", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_forward_epilogue(k, buf, dtype, shape, training, offset, side, relu):
+    ku.check_forward_epilogue(k, buf, dtype, shape, training, relu, side, offset)
+
+
+@pytest.mark.parametrize("relu,with_dside", [(True, True), (True, False), (False, True)],
+                         ids=["relu+dside", "relu", "dside"])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_backward_epilogue(k, buf, dtype, shape, training, offset, relu, with_dside):
+    ku.check_backward_epilogue(k, buf, dtype, shape, training, relu, with_dside,
+                               offset=offset)
+
+
+@pytest.mark.parametrize("with_dside", [True, False], ids=["dside", "no-dside"])
+def test_backward_epilogue_without_dx(k, buf, with_dside):
+    ku.check_backward_epilogue(k, buf, "float32", (5000, 300, 1), True, True, with_dside,
+                               with_dx=False)
