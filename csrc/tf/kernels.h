@@ -75,6 +75,18 @@ inline absl::Status ShapeOf(const Tensor& x, const std::string& format,
   return absl::OkStatus();
 }
 
+// x's shape in `format`, for a gradient op: dy must have x's shape.
+inline absl::Status GradShapeOf(const Tensor& dy, const Tensor& x,
+                                const std::string& format, kernels::Shape* s) {
+  TF_RETURN_IF_ERROR(ShapeOf(x, format, s));
+  if (dy.shape() != x.shape()) {
+    return errors::InvalidArgument("dy must have x's shape ",
+                                   x.shape().DebugString(), ", got ",
+                                   dy.shape().DebugString());
+  }
+  return absl::OkStatus();
+}
+
 inline absl::Status CheckVector(const Tensor& t, const char* name, int64_t c) {
   if (t.dims() != 1 || t.dim_size(0) != c) {
     return errors::InvalidArgument(name, " must have shape [", c,
@@ -367,11 +379,7 @@ class ForwardGradOp : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     kernels::Shape shape;
-    OP_REQUIRES_OK(ctx, ShapeOf(x, format_, &shape));
-    OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                errors::InvalidArgument("dy must have x's shape ",
-                                        x.shape().DebugString(), ", got ",
-                                        dy.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, GradShapeOf(dy, x, format_, &shape));
     const int64_t c = shape.channels;
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "scale", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "saved_mean", c));
@@ -580,11 +588,7 @@ class BackwardReduceOp : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     kernels::Shape shape;
-    OP_REQUIRES_OK(ctx, ShapeOf(x, format_, &shape));
-    OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                errors::InvalidArgument("dy must have x's shape ",
-                                        x.shape().DebugString(), ", got ",
-                                        dy.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, GradShapeOf(dy, x, format_, &shape));
     const int64_t c = shape.channels;
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "mean", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "inv_std", c));
@@ -619,11 +623,7 @@ class BackwardApplyOp : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     kernels::Shape shape;
-    OP_REQUIRES_OK(ctx, ShapeOf(x, format_, &shape));
-    OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                errors::InvalidArgument("dy must have x's shape ",
-                                        x.shape().DebugString(), ", got ",
-                                        dy.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, GradShapeOf(dy, x, format_, &shape));
     const int64_t c = shape.channels;
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(2), "scale", c));
     OP_REQUIRES_OK(ctx, CheckVector(ctx->input(3), "mean", c));
