@@ -19,7 +19,6 @@ four models in an order rotated by r.
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -149,7 +148,8 @@ def main(argv=None):
         cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
     import keras
     import fused_bn
-    from benchmarks.run import device_info, make_sync, summarize, time_interleaved
+    from benchmarks.run import (device_info, make_sync, summarize,
+                                time_interleaved, write_report)
 
     strategy = tf.distribute.MirroredStrategy(
         [f"/cpu:{i}" for i in range(args.replicas)])
@@ -192,14 +192,10 @@ def main(argv=None):
         "results": results,
         "sync_overhead": {impl: results[impl]["sync"]["median_ms"] /
                           results[impl]["local"]["median_ms"] for impl in IMPLS}}
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or f"cpu-distributed-{date}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    write_markdown(stem + ".md", report)
+    write_report(stem, report, write_markdown)
     with open(stem + ".md") as f:
         print(f.read())
-    print(f"wrote {stem}.json, {stem}.md")
     return report
 
 

@@ -33,7 +33,6 @@ tf_keras must be installed without its dependencies, or it pulls in the
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -286,6 +285,7 @@ def main(argv=None):
             print(f"NOTE: tf_keras is not installed, so its variant is skipped; "
                   f"install it with: {TF_KERAS_HINT}", flush=True)
     import fused_bn
+    from benchmarks.run import write_report
     keras.utils.set_random_seed(0)
     date = datetime.date.today().isoformat()
     cpu_model = ""
@@ -323,16 +323,8 @@ def main(argv=None):
             ratios = " ".join(f"vs {b} {s:.2f}x" for b, s in c["speedup"].items())
             print(f"{model_name} batch {args.batch}: images/s {ips} | fused_bn {ratios} "
                   f"({time.time() - t_start:.0f}s)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or f"cpu-models-{date}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    write_markdown(stem + ".md", report)
-    written = [stem + ".json", stem + ".md"]
-    if not args.no_plot:
-        write_plot(stem + ".png", report)
-        written.append(stem + ".png")
-    print("wrote " + ", ".join(written))
+    write_report(os.path.join(args.out, args.name or f"cpu-models-{date}"),
+                 report, write_markdown, None if args.no_plot else write_plot)
     return report
 
 

@@ -576,6 +576,19 @@ def write_plot(path, report):
     plt.close(fig)
 
 
+def write_report(stem, report, write_markdown, write_plot=None):
+    """Writes stem.json, stem.md (and stem.png with write_plot); says so."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    write_markdown(stem + ".md", report)
+    written = [stem + ".json", stem + ".md"]
+    if write_plot is not None:
+        write_plot(stem + ".png", report)
+        written.append(stem + ".png")
+    print("wrote " + ", ".join(written))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
@@ -627,16 +640,8 @@ def main(argv=None):
                   f"{100 * f.get('fraction_of_copy', float('nan')):4.0f}% of "
                   f"copy | {ratios} ({time.time() - t_start:.0f}s)",
                   flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or f"{args.device}-{date}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    write_markdown(stem + ".md", report)
-    written = [stem + ".json", stem + ".md"]
-    if not args.no_plot:
-        write_plot(stem + ".png", report)
-        written.append(stem + ".png")
-    print("wrote " + ", ".join(written))
+    write_report(os.path.join(args.out, args.name or f"{args.device}-{date}"),
+                 report, write_markdown, None if args.no_plot else write_plot)
     return report
 
 
