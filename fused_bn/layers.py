@@ -12,6 +12,13 @@ from .ops import (_check_activation, _check_training, batch_norm, normalize,
 __all__ = ["BatchNormalization"]
 
 
+def _keras_mask(t):
+    """The Keras mask attached to a tensor, or None (older Keras 3 releases,
+    e.g. 3.3, keep it in the attribute; newer ones through get_keras_mask)."""
+    get = getattr(keras.src.backend, "get_keras_mask", None)
+    return get(t) if get is not None else getattr(t, "_keras_mask", None)
+
+
 @keras.saving.register_keras_serializable(package="fused_bn")
 class BatchNormalization(keras.layers.Layer):
     """Batch normalization layer; one fused op per call.
@@ -55,7 +62,10 @@ class BatchNormalization(keras.layers.Layer):
     unmasked positions only and the moving statistics are updated with
     them (the Bessel factor with the unmasked count); every position is
     normalized; inference ignores the mask; the mask is passed on to the
-    next layer. A training batch with fewer than 2 unmasked values in a
+    next layer. With `side_input` the mask is still the inputs' (Keras
+    does not pass it to a call with two tensor arguments; the layer reads
+    it), and the output carries the inputs' mask, whatever side_input
+    carries. A training batch with fewer than 2 unmasked values in a
     channel (e.g. all padding) leaves the moving statistics and counter
     unchanged (Keras would pull them towards mean 0 and variance 0). The
     masked path runs the moments as TF ops and normalizes with
@@ -176,6 +186,10 @@ class BatchNormalization(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None, side_input=None):
+        if side_input is not None and mask is None:
+            # Keras passes the inputs' mask to call() only when they are the
+            # one tensor argument (with two it looks for `inputs_mask`).
+            mask = _keras_mask(inputs)
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
