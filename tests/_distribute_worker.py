@@ -326,6 +326,55 @@ class Run:
         for name, v in zip(("penalty", "dpen_dx", "dpen_dgamma"), ref):
             self.save(key, "ref_" + name, v)
 
+    def second_order_epilogue(self, key, sizes, masked):
+        """A gradient penalty through SyncBN with the epilogue
+        relu(bn(x) + sin(x)): fused_bn.batch_norm, or (masked) the layer
+        with a mask. Saves the penalty and its gradients w.r.t. x and gamma
+        (test_distribute.py computes the reference on the global batch)."""
+        import fused_bn
+        tf = self.tf
+        xs, dys, p, axis = self.shards(key, sizes, "nhwc")
+        masks, _ = self.extras(key, sizes, "nhwc", p, masked=masked,
+                               epilogue=False, sync=True)
+        with self.strategy.scope():
+            if masked:
+                layer = fused_bn.BatchNormalization(
+                    epsilon=EPS, center=False, synchronized=True, activation="relu")
+                layer.build((None,) + self.out[f"{key}:x"].shape[1:])
+                layer.gamma.assign(p["gamma"])
+                gamma = layer.gamma
+            else:
+                gamma = tf.Variable(p["gamma"])
+
+        def bn(x, m):
+            if masked:
+                return layer(x, training=True, mask=m, side_input=tf.sin(x))
+            return fused_bn.batch_norm(x, True, gamma, epsilon=EPS, synchronized=True,
+                                       side_input=tf.sin(x), activation="relu")
+
+        def replica_fn(x, w, *m):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    y = bn(x, m[0] if m else None)
+                    loss = tf.reduce_sum(w * y * y)
+                dx = inner.gradient(loss, x)
+                pen = tf.reduce_sum(dx * dx)
+            return (pen,) + tuple(outer.gradient(pen, [x, gamma]))
+
+        @tf.function
+        def step(x, w):
+            args = (x, w) + ((masks,) if masked else ())
+            pen, dx, dg = self.strategy.run(replica_fn, args=args)
+            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, pen, None),
+                    dx, self.strategy.reduce(tf.distribute.ReduceOp.SUM, dg, None))
+
+        pen, dx, dg = step(xs, dys)
+        self.save(key, "penalty", pen)
+        self.save_replicas(key, "dpen_dx", dx)
+        self.save(key, "dpen_dgamma", dg)
+
     # ------------------------------------------------------------ Keras
 
     def model(self, bn):
@@ -600,7 +649,9 @@ def main():
     if full or args.multiworker:
         scenarios += [(run.keras_fit, "fit_local", False)]
     if not args.multiworker:
-        scenarios += [(run.second_order, "second_order", uneven)]
+        scenarios += [(run.second_order, "second_order", uneven),
+                      (run.second_order_epilogue, "second_order_epilogue", uneven, False),
+                      (run.second_order_epilogue, "second_order_masked", uneven, True)]
     if full:
         scenarios += [
             (run.functional, "sync_eager", uneven, "nc", True, {"eager": True}),

@@ -476,6 +476,38 @@ def test_masked_layer_training_as_a_bool_tensor(launched):
     _check_moving(res, key, *_masked_moving_after(p, x, res.get(key, "mask"), -1))
 
 
+@pytest.mark.parametrize("key", ["second_order_epilogue", "second_order_masked"])
+def test_second_order_through_sync_bn_with_the_epilogue(mirrored, key):
+    """The gradient penalty through relu(bn(x) + sin(x)) under SyncBN
+    (batch_norm; the layer with a mask, one shard all masked) equals plain
+    TF float64 ops on the global batch (two-pass moments without
+    tf.nn.moments' stop_gradient; masked: over the unmasked positions)."""
+    x = tf.constant(mirrored.get(key, "x"), tf.float64)
+    w = tf.constant(mirrored.get(key, "dy"), tf.float64)
+    gamma = tf.constant(mirrored.get(key, "gamma"), tf.float64)
+    mask = mirrored.get(key, "mask") if key.endswith("masked") else np.ones(x.shape[:-1], bool)
+    keep = tf.cast(tf.broadcast_to(mask[..., None], x.shape), tf.float64)
+    axes = [0, 1, 2]
+
+    def bn(x, gamma):
+        n = tf.reduce_sum(keep, axes)
+        mean = tf.reduce_sum(keep * x, axes) / n
+        var = tf.reduce_sum(keep * tf.square(x - mean), axes) / n
+        return tf.nn.relu((x - mean) * tf.math.rsqrt(var + EPS) * gamma + tf.sin(x))
+
+    with tf.GradientTape() as outer:
+        outer.watch([x, gamma])
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = bn(x, gamma)
+            loss = tf.reduce_sum(w * y * y)
+        pen = tf.reduce_sum(tf.square(inner.gradient(loss, x)))
+    dx, dgamma = outer.gradient(pen, [x, gamma])
+    ref.close(mirrored.get(key, "penalty"), pen.numpy(), tf.float32, scale=float(pen))
+    ref.close(np.concatenate(mirrored.replicas(key, "dpen_dx")), dx.numpy(), tf.float32)
+    ref.close(mirrored.get(key, "dpen_dgamma"), dgamma.numpy(), tf.float32)
+
+
 # ---------------------------------------------------------------- Keras
 
 def _weights(res, key):
@@ -603,5 +635,6 @@ def test_the_full_run_has_every_scenario(launched):
                      "sync_half", "local_steps", "update", "v1_sync", "v1_local",
                      "errors", "sync_epilogue", "local_epilogue", "masked_sync",
                      "masked_local", "masked_sync_nchw", "masked_local_nchw",
-                     "masked_sync_tensor"):
+                     "masked_sync_tensor", "second_order_epilogue",
+                     "second_order_masked"):
         assert any(k.startswith(scenario + ":") for k in res.arrays[0]), scenario
