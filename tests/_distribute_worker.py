@@ -537,6 +537,11 @@ class Run:
         xla = tf.function(lambda x: layer(x, training=True), jit_compile=True)
         self.error(f"{key}:xla", lambda: tf.function(
             lambda: self.strategy.run(xla, args=(x,)))())
+        xla_masked = tf.function(
+            lambda x: layer(x, training=True, mask=tf.ones([4], tf.bool)),
+            jit_compile=True)
+        self.error(f"{key}:xla_masked", lambda: tf.function(
+            lambda: self.strategy.run(xla_masked, args=(x,)))())
 
     def parameter_server(self, key):
         """ParameterServerStrategy over an in-process cluster (last: it

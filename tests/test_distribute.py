@@ -9,7 +9,9 @@ Semantics checked: synchronized=True equals single-device batch norm on the
 concatenated global batch (y, dx, summed dgamma/dbeta, moving statistics);
 synchronized=False normalizes each replica with its own statistics and
 updates the moving statistics with the pooled statistics of the global
-batch; every replica's component ends bitwise equal.
+batch; every replica's component ends bitwise equal. The same with the
+epilogue relu(bn(x) + side_input), and with the layer's masks (statistics
+of the unmasked positions, against single-device masked batch norm).
 """
 import json
 import os
@@ -606,8 +608,9 @@ def test_unsupported_strategies_and_variables_raise(launched):
         assert (res.components(key, "moving_mean") == 0.5).all()
         assert (res.components(key, "moving_variance") == 1.0).all()
         assert (res.components(key, "num_updates") == COUNTER0).all()
-    msg = str(res.get("errors:xla", "error"))
-    assert "XLA" in msg and "replica context" in msg, msg
+    for key in ("errors:xla", "errors:xla_masked"):
+        msg = str(res.get(key, "error"))
+        assert "XLA" in msg and "replica context" in msg, msg
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "local"])
