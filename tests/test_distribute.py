@@ -472,7 +472,12 @@ def test_masked_layer_training_as_a_bool_tensor(launched):
     key = "masked_sync_tensor"
     x, dy, p = _inputs(res, key)
     want_y, _, _ = ref.forward(x, -1, p["gamma"], p["beta"], EPS, p["mm0"], p["mv0"])
+    want_dx, want_dg, want_db = ref.backward(x, dy, -1, p["gamma"], EPS, False,
+                                             p["mm0"], p["mv0"])
     ref.close(np.concatenate(res.replicas(key, "frozen_y")), want_y, tf.float32)
+    ref.close(np.concatenate(res.replicas(key, "frozen_dx")), want_dx, tf.float32)
+    ref.close(res.get(key, "frozen_dgamma"), want_dg, tf.float32)
+    ref.close(res.get(key, "frozen_dbeta"), want_db, tf.float32)
     _check_moving(res, key, p["mm0"], p["mv0"], prefix="frozen_", counter=COUNTER0)
     _check_masked_step(res, key, x, dy, p, -1, None, True)
     _check_moving(res, key, *_masked_moving_after(p, x, res.get(key, "mask"), -1))
