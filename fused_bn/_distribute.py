@@ -16,6 +16,10 @@ In a replica context with R > 1 replicas in sync, a training call runs
      statistics of the global batch, the same on every replica.
 Its gradient is `FusedBn>BackwardReduce` (local sums) -> (sync: one
 all-reduce of [2, C]) -> `FusedBn>BackwardApply` (dx over the global count).
+The Keras layer's masked path computes its own moments (a count per
+channel) and merges them here (`merge_moments`): the same two all-reduces
+with [R, 3C] and [3C] tensors; in sync mode its gradient goes through the
+statistics' all-reduce (whose gradient is an all-reduce).
 Statistics travel in float64; they are [C]-sized.
 """
 import tensorflow as tf
@@ -133,49 +137,80 @@ def _local_moments(x, count, live, u, c, data_format):
 def _global_moments(ctx, count, mean, var, u):
     """(mean, biased variance, count) of the union of the replicas' batches.
 
-    Replica r writes its (count, mean, M2) into row r of a zero [R, 2C+1]
-    float64 tensor; one SUM all-reduce carries every replica's values
-    exactly, and every replica merges them alike:
+    count: a scalar (every channel's) or a [C] vector (per channel, for
+    masked statistics); the result's count has the same shape. Replica r
+    writes its (count, mean, M2) into row r of a zero [R, K+2C] float64
+    tensor (K = 1 or C); one SUM all-reduce carries every replica's values
+    exactly, and every replica merges them alike, per channel:
       N = sum n_r, mean = sum n_r mean_r / N,
       M2 = sum M2_r + sum n_r (mean_r - mean)^2
     (Chan's merge of R parts: no E[x^2] - E[x]^2; empty shards add nothing).
+    Differentiable: the all-reduce's gradient is an all-reduce.
     """
     n = tf.cast(count, _F64)
-    local = tf.concat([tf.reshape(n, [1]), tf.cast(mean, _F64),
-                       tf.cast(var, _F64) * n], 0)
+    counts = tf.reshape(n, [-1])
+    local = tf.concat([counts, tf.cast(mean, _F64), tf.cast(var, _F64) * n], 0)
     rid = tf.reshape(tf.cast(ctx.replica_id_in_sync_group, tf.int32), [1, 1])
     slots = tf.scatter_nd(rid, local[tf.newaxis],
                           tf.stack([ctx.num_replicas_in_sync, tf.size(local)]))
     slots = ctx.all_reduce(_SUM, slots)
     c = tf.size(mean)
-    counts, means, m2 = tf.split(slots, tf.stack([1, c, c]), axis=1)
-    total = tf.reduce_sum(counts)
+    counts, means, m2 = tf.split(slots, tf.stack([tf.size(counts), c, c]), axis=1)
+    total = tf.reduce_sum(counts, 0)
     safe = tf.maximum(total, 1.0)
     gmean = tf.reduce_sum(counts * means, 0) / safe
     gm2 = tf.reduce_sum(m2, 0) + tf.reduce_sum(
         counts * tf.square(means - gmean), 0)
-    return tf.cast(gmean, u), tf.cast(gm2 / safe, u), tf.cast(total, tf.int64)
+    return (tf.cast(gmean, u), tf.cast(gm2 / safe, u),
+            tf.reshape(tf.cast(total, tf.int64), tf.shape(count)))
 
 
 def _pooled_moments(ctx, count, mean, var, shift, u):
     """(mean, biased variance, count) of the union of the replicas' batches,
-    from one SUM all-reduce of [2C+1] float64 sums around `shift`, a
-    per-channel value every replica holds alike (the moving mean):
+    from one SUM all-reduce of [K+2C] float64 sums around `shift`, a
+    per-channel value every replica holds alike (the moving mean); count is
+    a scalar (K = 1) or per channel (K = C), as the result's:
       N = sum n_r, S1 = sum n_r d_r, S2 = sum (M2_r + n_r d_r^2),
       d_r = mean_r - shift; mean = shift + S1 / N, M2 = S2 - S1^2 / N.
     S2 and S1^2 / N cancel only by (mean - shift)^2 / variance, in float64.
     """
     n = tf.cast(count, _F64)
     d = tf.cast(mean, _F64) - tf.cast(shift, _F64)
-    local = tf.concat([tf.reshape(n, [1]), n * d,
+    counts = tf.reshape(n, [-1])
+    local = tf.concat([counts, n * d,
                        tf.cast(var, _F64) * n + n * tf.square(d)], 0)
     sums = ctx.all_reduce(_SUM, local)
     c = tf.size(mean)
-    total, s1, s2 = tf.split(sums, tf.stack([1, c, c]))
+    total, s1, s2 = tf.split(sums, tf.stack([tf.size(counts), c, c]))
     safe = tf.maximum(total, 1.0)
     gmean = tf.cast(shift, _F64) + s1 / safe
     gvar = tf.maximum(s2 - tf.square(s1) / safe, 0.0) / safe
-    return tf.cast(gmean, u), tf.cast(gvar, u), tf.cast(total[0], tf.int64)
+    return (tf.cast(gmean, u), tf.cast(gvar, u),
+            tf.reshape(tf.cast(total, tf.int64), tf.shape(count)))
+
+
+def merge_moments(count, mean, var, shift, synchronized):
+    """For statistics this replica computed itself (the layer's masked
+    moments: count [C] int64, biased mean and variance [C]), in a replica
+    context with several replicas: (batch, pooled), each (mean, variance,
+    count), the statistics to normalize with and those of the union of the
+    replicas' batches for the moving update (equal on every replica).
+
+    synchronized: batch is pooled, Chan-merged from one all-reduce
+    (`_global_moments`) and differentiable through it. Otherwise batch is
+    this replica's own and pooled comes from one all-reduce of sums around
+    `shift` ([C], equal on every replica: the moving mean), not
+    differentiated.
+    """
+    ctx = replica_context()
+    u = mean.dtype
+    if synchronized:
+        pooled = _global_moments(ctx, count, mean, var, u)
+        return pooled, pooled
+    pooled = _pooled_moments(
+        ctx, count, tf.stop_gradient(mean), tf.stop_gradient(var),
+        tf.stop_gradient(shift), u)
+    return (mean, var, count), pooled
 
 
 def _normalize(x, scale, offset, mean, variance, count, live, all_reduce,

@@ -5,11 +5,18 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 from keras.src.backend import in_stateless_scope
 
-from . import reference
-from .ops import (_check_activation, _check_training, batch_norm, normalize,
-                  update_moving_stats)
+from . import _distribute, reference
+from .ops import (_check_activation, _check_training, _stat_dtype, batch_norm,
+                  normalize, update_moving_stats)
 
 __all__ = ["BatchNormalization"]
+
+
+def _keras_mask(t):
+    """The Keras mask attached to a tensor, or None (older Keras 3 releases,
+    e.g. 3.3, keep it in the attribute; newer ones through get_keras_mask)."""
+    get = getattr(keras.src.backend, "get_keras_mask", None)
+    return get(t) if get is not None else getattr(t, "_keras_mask", None)
 
 
 @keras.saving.register_keras_serializable(package="fused_bn")
@@ -47,7 +54,8 @@ class BatchNormalization(keras.layers.Layer):
     (all replicas and workers), as Keras' `synchronized=True` does. In
     both modes the moving statistics are updated with the global batch's
     statistics, so every replica holds the same values (Keras' layer lets
-    them diverge when not synchronized).
+    them diverge when not synchronized). With a mask, the same over the
+    unmasked positions (synchronized: those of the global batch).
 
     Masks (`mask=`, or the mask Keras attaches, e.g. after `Masking` or
     `Embedding(mask_zero=True)`) work as in Keras: the shape of the inputs
@@ -55,7 +63,10 @@ class BatchNormalization(keras.layers.Layer):
     unmasked positions only and the moving statistics are updated with
     them (the Bessel factor with the unmasked count); every position is
     normalized; inference ignores the mask; the mask is passed on to the
-    next layer. A training batch with fewer than 2 unmasked values in a
+    next layer. With `side_input` the mask is still the inputs' (Keras
+    does not pass it to a call with two tensor arguments; the layer reads
+    it), and the output carries the inputs' mask, whatever side_input
+    carries. A training batch with fewer than 2 unmasked values in a
     channel (e.g. all padding) leaves the moving statistics and counter
     unchanged (Keras would pull them towards mean 0 and variance 0). The
     masked path runs the moments as TF ops and normalizes with
@@ -176,6 +187,10 @@ class BatchNormalization(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None, side_input=None):
+        if side_input is not None and mask is None:
+            # Keras passes the inputs' mask to call() only when they are the
+            # one tensor argument (with two it looks for `inputs_mask`).
+            mask = _keras_mask(inputs)
         if training is None or not self.trainable:
             training = False
         x = tf.cast(inputs, self.compute_dtype)
@@ -212,6 +227,9 @@ class BatchNormalization(keras.layers.Layer):
                 num_updates=self.num_updates if self.warmup else None,
                 side_input=side_input, activation=self.activation, mask=mask)
         training, training_value = _check_training(training)
+        if training_value is not False and _distribute.replica_context() is not None:
+            return self._masked_replica_call(x, training, training_value, mask,
+                                             side_input)
 
         def batch_stats():
             mean, variance, count = reference.masked_moments(x, mask, self._axis)
@@ -228,6 +246,43 @@ class BatchNormalization(keras.layers.Layer):
             mean, variance = tf.cond(training, batch_stats, moving_stats)
         else:
             mean, variance = batch_stats() if training_value else moving_stats()
+        return normalize(x, mean, variance, self.gamma, self.beta,
+                         self.epsilon, axis=self._axis, side_input=side_input,
+                         activation=self.activation)
+
+    def _masked_replica_call(self, x, training, training_value, mask, side_input):
+        """`_masked_call` in a tf.distribute replica context with several
+        replicas: each replica's masked moments, merged by one all-reduce
+        (`_distribute.merge_moments`, per-channel counts). Synchronized, the
+        normalization uses the unmasked positions of the global batch;
+        otherwise the replica's own. Either way the moving statistics get
+        the global batch's, alike on every replica, unless a channel has
+        fewer than 2 unmasked values in it. A tensor `training` does not
+        skip the all-reduce (it cannot sit in a tf.cond branch), only the
+        moments and the update."""
+        live = True if training_value else training
+        u = _stat_dtype(x.dtype)
+        c = x.shape[self._axis]
+
+        def local():
+            return reference.masked_moments(x, mask, self._axis)
+
+        def idle():
+            zero = tf.zeros([c], u)
+            return zero, zero, tf.zeros([c], tf.int64)
+
+        mean, variance, count = local() if live is True else tf.cond(live, local, idle)
+        moving = (tf.stop_gradient(tf.convert_to_tensor(self.moving_mean)),
+                  tf.stop_gradient(tf.convert_to_tensor(self.moving_variance)))
+        batch, pooled = _distribute.merge_moments(count, mean, variance,
+                                                  moving[0], self.synchronized)
+        mean, variance = batch[:2]
+        ready = tf.reduce_min(pooled[2]) >= 2
+        if live is not True:
+            mean = tf.where(live, mean, moving[0])
+            variance = tf.where(live, variance, moving[1])
+            ready = tf.logical_and(live, ready)
+        tf.cond(ready, lambda: self._update_masked(*pooled), lambda: None)
         return normalize(x, mean, variance, self.gamma, self.beta,
                          self.epsilon, axis=self._axis, side_input=side_input,
                          activation=self.activation)

@@ -33,6 +33,22 @@ def shapes(layout, n):
     return {"nc": (n, C), "nhwc": (n, 2, 3, C), "nchw": (n, C, 3, 2)}[layout]
 
 
+def _bn64(x, mask, params, axis):
+    """float64 gamma * (x - mean) / sqrt(var + EPS) + beta with the batch
+    statistics of x's unmasked positions (mask broadcast along the last
+    axis; None: all). Only places a scenario's side input."""
+    keep = np.ones(x.shape[:-1], bool) if mask is None else mask
+    keep = np.broadcast_to(keep[..., None], x.shape)
+    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    n = np.maximum(keep.sum(axes), 1)
+    mean = (keep * x).sum(axes).reshape(shape) / n.reshape(shape)
+    var = (keep * (x - mean) ** 2).sum(axes).reshape(shape) / n.reshape(shape)
+    return ((x - mean) / np.sqrt(var + EPS) * params["gamma"].reshape(shape)
+            + params["beta"].reshape(shape))
+
+
 class Run:
     def __init__(self, strategy, multiworker):
         import tensorflow as tf
@@ -89,23 +105,56 @@ class Run:
         }
         for name, v in {"x": x, "dy": dy, **params}.items():
             self.save(key, name, v)
+        return self.per_replica(x, sizes), self.per_replica(dy, sizes), params, axis
+
+    def per_replica(self, a, sizes):
+        """Replica r's rows of a global array (shard sizes `sizes`)."""
+        tf = self.tf
         offs = np.concatenate([[0], np.cumsum(sizes)])
 
-        def per_replica(a):
-            def fn(ctx):
-                r = ctx.replica_id_in_sync_group
-                return tf.constant(a[offs[r]:offs[r + 1]])
-            return self.strategy.experimental_distribute_values_from_function(fn)
+        def fn(ctx):
+            r = ctx.replica_id_in_sync_group
+            return tf.constant(a[offs[r]:offs[r + 1]])
+        return self.strategy.experimental_distribute_values_from_function(fn)
 
-        return per_replica(x), per_replica(dy), params, axis
+    def extras(self, key, sizes, layout, params, *, masked, epilogue, sync):
+        """A Keras mask (replica 1's shard all masked) and a side input for a
+        scenario's saved x, saved; per-replica values (None when not asked).
+
+        The side input puts bn(x) + side at least 0.25 from relu's kink with
+        the statistics the scenario normalizes with (the global batch's for
+        sync, each shard's otherwise), so that the float64 references see
+        the same relu mask."""
+        rng = np.random.default_rng(zlib.crc32(key.encode()) + 1)
+        x = self.out[f"{key}:x"].astype(np.float64)
+        axis = 1 if layout == "nchw" else -1
+        offs = np.concatenate([[0], np.cumsum(sizes)])
+        mask = side = None
+        if masked:
+            mask = rng.random(x.shape[:-1]) < 0.6
+            mask[offs[1]:offs[2]] = False
+            self.save(key, "mask", mask)
+        if epilogue:
+            parts = [(0, len(x))] if sync else list(zip(offs[:-1], offs[1:]))
+            bn = np.concatenate([_bn64(x[a:b], None if mask is None else mask[a:b],
+                                       params, axis) for a, b in parts])
+            target = (np.where(rng.random(x.shape) < 0.5, -1.0, 1.0)
+                      * (0.25 + rng.exponential(1.0, x.shape)))
+            side = (target - bn).astype("float32")
+            self.save(key, "side", side)
+        return tuple(None if a is None else self.per_replica(a, sizes)
+                     for a in (mask, side))
 
     def functional(self, key, sizes, layout, sync, *, dtype="float32",
-                   training="python", eager=False, steps=1):
+                   training="python", eager=False, steps=1, epilogue=False):
         """fused_bn.batch_norm on uneven shards: y, dx, summed dgamma/dbeta
-        and every component of the moving statistics and counter."""
+        and every component of the moving statistics and counter; with the
+        epilogue relu(bn(x) + side_input), also d(side_input)."""
         import fused_bn
         tf = self.tf
         xs, dys, p, axis = self.shards(key, sizes, layout, dtype)
+        _, sides = self.extras(key, sizes, layout, p, masked=False,
+                               epilogue=epilogue, sync=sync)
         with self.strategy.scope():
             gamma = tf.Variable(p["gamma"])
             beta = tf.Variable(p["beta"])
@@ -113,21 +162,25 @@ class Run:
             mv = tf.Variable(p["mv0"], trainable=False)
             counter = tf.Variable(COUNTER0, dtype=tf.int64, trainable=False)
 
-        def replica_fn(x, dy, t):
+        def replica_fn(x, dy, t, *side):
             with tf.GradientTape() as tape:
-                tape.watch(x)
+                tape.watch([x, *side])
                 y = fused_bn.batch_norm(
                     x, t if training == "tensor" else True, gamma, beta, mm, mv,
                     momentum=MOMENTUM, epsilon=EPS, axis=axis,
-                    num_updates=counter, synchronized=sync)
-            dx, dg, db = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
-            return y, dx, dg, db
+                    num_updates=counter, synchronized=sync,
+                    side_input=side[0] if side else None,
+                    activation="relu" if side else None)
+            dx, dg, db, *dside = tape.gradient(y, [x, gamma, beta, *side],
+                                               output_gradients=dy)
+            return (y, dx, dg, db, *dside)
 
         def step(x, dy, t):
-            y, dx, dg, db = self.strategy.run(replica_fn, args=(x, dy, t))
+            args = (x, dy, t) + ((sides,) if epilogue else ())
+            y, dx, dg, db, *dside = self.strategy.run(replica_fn, args=args)
             reduce = self.strategy.reduce
             return (y, dx, reduce(tf.distribute.ReduceOp.SUM, dg, axis=None),
-                    reduce(tf.distribute.ReduceOp.SUM, db, axis=None))
+                    reduce(tf.distribute.ReduceOp.SUM, db, axis=None), *dside)
 
         if not eager:
             step = tf.function(step)
@@ -137,14 +190,73 @@ class Run:
         for i, (prefix, value) in enumerate(phases):
             if steps > 1:
                 prefix = f"step{i}_"
-            y, dx, dg, db = step(xs, dys, tf.constant(value))
+            y, dx, dg, db, *dside = step(xs, dys, tf.constant(value))
             self.save_replicas(key, prefix + "y", y)
             self.save_replicas(key, prefix + "dx", dx)
+            if dside:
+                self.save_replicas(key, prefix + "dside", dside[0])
             self.save(key, prefix + "dgamma", dg)
             self.save(key, prefix + "dbeta", db)
             self.save_components(key, prefix + "moving_mean", mm)
             self.save_components(key, prefix + "moving_variance", mv)
             self.save_components(key, prefix + "num_updates", counter)
+
+    def masked(self, key, sizes, layout, sync, *, epilogue=False, training="python"):
+        """fused_bn.BatchNormalization with a mask (replica 1's shard all
+        masked; sizes may include an empty shard), and with the epilogue
+        relu(bn(x) + side_input): y, dx, summed dgamma/dbeta, d(side_input),
+        every component of the moving statistics and counter; then a step
+        whose global batch is all masked (prefix "none_"). training
+        "tensor": a frozen step first (prefix "frozen_"), as a bool tensor."""
+        import fused_bn
+        tf = self.tf
+        xs, dys, p, axis = self.shards(key, sizes, layout)
+        masks, sides = self.extras(key, sizes, layout, p, masked=True,
+                                   epilogue=epilogue, sync=sync)
+        shape = self.out[f"{key}:x"].shape
+        with self.strategy.scope():
+            layer = fused_bn.BatchNormalization(
+                axis=axis, momentum=MOMENTUM, epsilon=EPS, synchronized=sync,
+                activation="relu" if epilogue else None)
+            layer.build((None,) + shape[1:])
+            for name in ("gamma", "beta"):
+                getattr(layer, name).assign(p[name])
+            layer.moving_mean.assign(p["mm0"])
+            layer.moving_variance.assign(p["mv0"])
+            layer.num_updates.assign(COUNTER0)
+
+        def replica_fn(x, dy, m, t, *side):
+            with tf.GradientTape() as tape:
+                tape.watch([x, *side])
+                y = layer(x, training=t if training == "tensor" else True, mask=m,
+                          side_input=side[0] if side else None)
+            grads = tape.gradient(y, [x, layer.gamma, layer.beta, *side],
+                                  output_gradients=dy)
+            return (y, *grads)
+
+        @tf.function
+        def step(x, dy, m, t):
+            args = (x, dy, m, t) + ((sides,) if epilogue else ())
+            y, dx, dg, db, *dside = self.strategy.run(replica_fn, args=args)
+            reduce = self.strategy.reduce
+            return (y, dx, reduce(tf.distribute.ReduceOp.SUM, dg, axis=None),
+                    reduce(tf.distribute.ReduceOp.SUM, db, axis=None), *dside)
+
+        none = self.per_replica(np.zeros(shape[:-1], bool), sizes)
+        phases = [("", masks, True), ("none_", none, True)]
+        if training == "tensor":
+            phases.insert(0, ("frozen_", masks, False))
+        for prefix, m, value in phases:
+            y, dx, dg, db, *dside = step(xs, dys, m, tf.constant(value))
+            self.save_replicas(key, prefix + "y", y)
+            self.save_replicas(key, prefix + "dx", dx)
+            self.save(key, prefix + "dgamma", dg)
+            self.save(key, prefix + "dbeta", db)
+            if dside:
+                self.save_replicas(key, prefix + "dside", dside[0])
+            self.save_components(key, prefix + "moving_mean", layer.moving_mean)
+            self.save_components(key, prefix + "moving_variance", layer.moving_variance)
+            self.save_components(key, prefix + "num_updates", layer.num_updates)
 
     def update_moving_stats(self, key):
         """update_moving_stats in a replica context with all-reduced
@@ -213,6 +325,55 @@ class Run:
             tf.Variable(p["gamma"].astype("float64")))
         for name, v in zip(("penalty", "dpen_dx", "dpen_dgamma"), ref):
             self.save(key, "ref_" + name, v)
+
+    def second_order_epilogue(self, key, sizes, masked):
+        """A gradient penalty through SyncBN with the epilogue
+        relu(bn(x) + sin(x)): fused_bn.batch_norm, or (masked) the layer
+        with a mask. Saves the penalty and its gradients w.r.t. x and gamma
+        (test_distribute.py computes the reference on the global batch)."""
+        import fused_bn
+        tf = self.tf
+        xs, dys, p, axis = self.shards(key, sizes, "nhwc")
+        masks, _ = self.extras(key, sizes, "nhwc", p, masked=masked,
+                               epilogue=False, sync=True)
+        with self.strategy.scope():
+            if masked:
+                layer = fused_bn.BatchNormalization(
+                    epsilon=EPS, center=False, synchronized=True, activation="relu")
+                layer.build((None,) + self.out[f"{key}:x"].shape[1:])
+                layer.gamma.assign(p["gamma"])
+                gamma = layer.gamma
+            else:
+                gamma = tf.Variable(p["gamma"])
+
+        def bn(x, m):
+            if masked:
+                return layer(x, training=True, mask=m, side_input=tf.sin(x))
+            return fused_bn.batch_norm(x, True, gamma, epsilon=EPS, synchronized=True,
+                                       side_input=tf.sin(x), activation="relu")
+
+        def replica_fn(x, w, *m):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    y = bn(x, m[0] if m else None)
+                    loss = tf.reduce_sum(w * y * y)
+                dx = inner.gradient(loss, x)
+                pen = tf.reduce_sum(dx * dx)
+            return (pen,) + tuple(outer.gradient(pen, [x, gamma]))
+
+        @tf.function
+        def step(x, w):
+            args = (x, w) + ((masks,) if masked else ())
+            pen, dx, dg = self.strategy.run(replica_fn, args=args)
+            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, pen, None),
+                    dx, self.strategy.reduce(tf.distribute.ReduceOp.SUM, dg, None))
+
+        pen, dx, dg = step(xs, dys)
+        self.save(key, "penalty", pen)
+        self.save_replicas(key, "dpen_dx", dx)
+        self.save(key, "dpen_dgamma", dg)
 
     # ------------------------------------------------------------ Keras
 
@@ -376,6 +537,11 @@ class Run:
         xla = tf.function(lambda x: layer(x, training=True), jit_compile=True)
         self.error(f"{key}:xla", lambda: tf.function(
             lambda: self.strategy.run(xla, args=(x,)))())
+        xla_masked = tf.function(
+            lambda x: layer(x, training=True, mask=tf.ones([4], tf.bool)),
+            jit_compile=True)
+        self.error(f"{key}:xla_masked", lambda: tf.function(
+            lambda: self.strategy.run(xla_masked, args=(x,)))())
 
     def parameter_server(self, key):
         """ParameterServerStrategy over an in-process cluster (last: it
@@ -473,22 +639,31 @@ def main():
         tag = "sync" if sync else "local"
         scenarios += [
             (run.functional, f"{tag}_nhwc", uneven, "nhwc", sync),
-            (run.functional, f"{tag}_empty", empty, "nc", sync)]
+            (run.functional, f"{tag}_empty", empty, "nc", sync),
+            (run.functional, f"{tag}_epilogue", uneven, "nhwc", sync,
+             {"epilogue": True}),
+            (run.masked, f"masked_{tag}", uneven, "nhwc", sync, {"epilogue": True})]
         if full or args.multiworker:
             scenarios += [
                 (run.functional, f"{tag}_nchw", uneven, "nchw", sync),
                 (run.functional, f"{tag}_tensor", uneven, "nhwc", sync,
                  {"training": "tensor"})]
+        if full:
+            scenarios += [(run.masked, f"masked_{tag}_nchw", empty, "nchw", sync)]
     scenarios += [(run.keras_fit, "fit_sync", True)]
     if full or args.multiworker:
         scenarios += [(run.keras_fit, "fit_local", False)]
     if not args.multiworker:
-        scenarios += [(run.second_order, "second_order", uneven)]
+        scenarios += [(run.second_order, "second_order", uneven),
+                      (run.second_order_epilogue, "second_order_epilogue", uneven, False),
+                      (run.second_order_epilogue, "second_order_masked", uneven, True)]
     if full:
         scenarios += [
             (run.functional, "sync_eager", uneven, "nc", True, {"eager": True}),
             (run.functional, "sync_half", uneven, "nchw", True, {"dtype": "float16"}),
             (run.functional, "local_steps", uneven, "nc", False, {"steps": 3}),
+            (run.masked, "masked_sync_tensor", uneven, "nhwc", True,
+             {"training": "tensor"}),
             (run.update_moving_stats, "update"),
             (run.compat_v1, "v1_sync", True),
             (run.compat_v1, "v1_local", False),

@@ -9,7 +9,9 @@ Semantics checked: synchronized=True equals single-device batch norm on the
 concatenated global batch (y, dx, summed dgamma/dbeta, moving statistics);
 synchronized=False normalizes each replica with its own statistics and
 updates the moving statistics with the pooled statistics of the global
-batch; every replica's component ends bitwise equal.
+batch; every replica's component ends bitwise equal. The same with the
+epilogue relu(bn(x) + side_input), and with the layer's masks (statistics
+of the unmasked positions, against single-device masked batch norm).
 """
 import json
 import os
@@ -311,6 +313,208 @@ def test_second_order_through_sync_bn(mirrored):
               mirrored.get("second_order", "ref_dpen_dgamma"), tf.float32)
 
 
+# ---------------------------------------------------------------- epilogue
+
+def _epilogue64(x, dy, side, p, axis):
+    """float64 relu(bn(x) + side) with x's batch statistics: y, and dx,
+    dgamma, dbeta, dside for dy (dy masked by the relu)."""
+    y, _, _ = ref.forward(x, axis, p["gamma"], p["beta"], EPS)
+    v = y + side
+    g = dy * (v > 0)
+    return np.maximum(v, 0.0), (*ref.backward(x, g, axis, p["gamma"], EPS, True), g)
+
+
+def test_epilogue_sync_equals_single_device_on_the_global_batch(results):
+    """side_input and relu under SyncBN: y, dx, dside, summed dgamma/dbeta
+    and the moving statistics against float64 NumPy on the global batch."""
+    key = "sync_epilogue"
+    _ran(results, key)
+    x, dy, p = _inputs(results, key)
+    y64, (dx, dg, db, dside) = _epilogue64(x, dy, results.get(key, "side"), p, -1)
+    assert (y64 == 0).any() and (y64 > 0).any()
+    ref.close(np.concatenate(results.replicas(key, "y")), y64, tf.float32)
+    ref.close(np.concatenate(results.replicas(key, "dx")), dx, tf.float32)
+    ref.close(np.concatenate(results.replicas(key, "dside")), dside, tf.float32)
+    ref.close(results.get(key, "dgamma"), dg, tf.float32)
+    ref.close(results.get(key, "dbeta"), db, tf.float32)
+    _check_moving(results, key, *_moving_after(p, x, -1))
+
+
+def test_epilogue_local_equals_single_device_per_replica(results):
+    key = "local_epilogue"
+    _ran(results, key)
+    x, dy, p = _inputs(results, key)
+    ys = results.replicas(key, "y")
+    parts = [_split(a, ys) for a in (x, dy, results.get(key, "side"))]
+    dgamma, dbeta = np.zeros(C), np.zeros(C)
+    for xr, dyr, sr, yr, dxr, dsr in zip(*parts, ys, results.replicas(key, "dx"),
+                                         results.replicas(key, "dside")):
+        if len(xr) == 0:
+            continue
+        y64, (dx, dg, db, dside) = _epilogue64(xr, dyr, sr, p, -1)
+        ref.close(yr, y64, tf.float32)
+        ref.close(dxr, dx, tf.float32)
+        ref.close(dsr, dside, tf.float32)
+        dgamma += dg
+        dbeta += db
+    ref.close(results.get(key, "dgamma"), dgamma, tf.float32)
+    ref.close(results.get(key, "dbeta"), dbeta, tf.float32)
+    _check_moving(results, key, *_moving_after(p, x, -1))
+
+
+# ---------------------------------------------------------------- masks
+
+def _masked64(x, mask, dy, p, axis, side=None):
+    """Single-device masked batch norm in plain TF float64 ops (Keras'
+    semantics: statistics of the unmasked positions, every position
+    normalized), then relu(. + side) when side is given: y, and the
+    gradients (dx, dgamma, dbeta[, dside]) for dy."""
+    x = tf.constant(x, tf.float64)
+    gamma, beta = tf.constant(p["gamma"]), tf.constant(p["beta"])
+    watched = [x, gamma, beta] + ([tf.constant(side, tf.float64)] if side is not None else [])
+    keep = tf.cast(tf.broadcast_to(mask[..., None], x.shape), tf.float64)
+    axes = ref.reduce_axes(np.empty(x.shape), axis)
+    shape = [1] * len(x.shape)
+    shape[axis] = -1
+
+    def r(v):
+        return tf.reshape(v, shape)
+
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        n = tf.maximum(tf.reduce_sum(keep, axes), 1.0)
+        mean = tf.reduce_sum(keep * x, axes) / n
+        var = tf.reduce_sum(keep * tf.square(x - r(mean)), axes) / n
+        y = (x - r(mean)) * tf.math.rsqrt(r(var) + EPS) * r(gamma) + r(beta)
+        if side is not None:
+            y = tf.nn.relu(y + watched[3])
+    grads = tape.gradient(y, watched, output_gradients=tf.constant(dy, tf.float64))
+    return y.numpy(), [g.numpy() for g in grads]
+
+
+def _masked_moving_after(p, x, mask, axis, t=COUNTER0):
+    """Moving statistics after one warm-up update with the statistics of the
+    unmasked positions of x (Bessel factor with each channel's count)."""
+    keep = np.broadcast_to(mask[..., None], x.shape)
+    axes = ref.reduce_axes(x, axis)
+    n = keep.sum(axis=axes)
+    mean = (keep * x).sum(axis=axes) / n
+    var = (keep * (x - ref.bcast(mean, x, axis)) ** 2).sum(axis=axes) / n
+    m = min(MOMENTUM, t / (t + 1.0))
+    return p["mm0"] * m + mean * (1 - m), p["mv0"] * m + var * n / (n - 1) * (1 - m)
+
+
+def _check_masked_step(res, key, x, dy, p, axis, side, sync, prefix=""):
+    """One masked training step's y, dx, dgamma, dbeta (and dside) against
+    _masked64: on the global batch (sync) or per replica."""
+    mask = res.get(key, "mask") if not prefix.startswith("none") \
+        else np.zeros(x.shape[:-1], bool)
+    ys = res.replicas(key, prefix + "y")
+    outs = [ys, res.replicas(key, prefix + "dx")]
+    if side is not None:
+        outs.append(res.replicas(key, prefix + "dside"))
+    if sync:
+        y64, grads = _masked64(x, mask, dy, p, axis, side)
+        ref.close(np.concatenate(ys), y64, tf.float32)
+        ref.close(np.concatenate(outs[1]), grads[0], tf.float32)
+        if side is not None:
+            ref.close(np.concatenate(outs[2]), grads[3], tf.float32)
+        dgamma, dbeta = grads[1:3]
+    else:
+        dgamma, dbeta = np.zeros(C), np.zeros(C)
+        parts = [_split(a, ys) for a in (x, mask, dy)]
+        sides = _split(side, ys) if side is not None else [None] * len(ys)
+        for xr, mr, dyr, sr, *got in zip(*parts, sides, *outs):
+            assert got[0].shape == xr.shape and got[1].shape == xr.shape
+            if len(xr) == 0:
+                continue
+            y64, grads = _masked64(xr, mr, dyr, p, axis, sr)
+            ref.close(got[0], y64, tf.float32)
+            ref.close(got[1], grads[0], tf.float32)
+            if sr is not None:
+                ref.close(got[2], grads[3], tf.float32)
+            dgamma += grads[1]
+            dbeta += grads[2]
+    ref.close(res.get(key, prefix + "dgamma"), dgamma, tf.float32)
+    ref.close(res.get(key, prefix + "dbeta"), dbeta, tf.float32)
+
+
+@pytest.mark.parametrize("key", ["masked_sync", "masked_local", "masked_sync_nchw",
+                                 "masked_local_nchw"])
+def test_masked_layer_against_single_device_masked_batch_norm(results, key):
+    """The layer with a mask (one replica's shard all masked, or empty; with
+    the epilogue for NHWC). Sync: single-device masked batch norm on the
+    concatenated global batch and mask. Non-sync: single-device per replica.
+    Both: the moving statistics are those of the global batch's unmasked
+    positions, bitwise alike on every replica; then a step whose global
+    batch is all masked normalizes as single-device does and leaves them
+    (and the counter) unchanged."""
+    _ran(results, key)
+    x, dy, p = _inputs(results, key)
+    axis = _axis(results, key)
+    side = results.get(key, "side").astype(np.float64) if "nchw" not in key else None
+    sync = "sync" in key
+    _check_masked_step(results, key, x, dy, p, axis, side, sync)
+    moving = _masked_moving_after(p, x, results.get(key, "mask"), axis)
+    _check_moving(results, key, *moving)
+    _check_masked_step(results, key, x, dy, p, axis, side, sync, prefix="none_")
+    for name, want in zip(("moving_mean", "moving_variance"), moving):
+        np.testing.assert_array_equal(results.components(key, "none_" + name),
+                                      results.components(key, name))
+    assert list(results.components(key, "none_num_updates")) == \
+        list(results.components(key, "num_updates"))
+
+
+def test_masked_layer_training_as_a_bool_tensor(launched):
+    """Frozen (training a False tensor): the moving statistics, no update,
+    whatever the mask; then training (a True tensor) as synchronized."""
+    res = _mirrored2(launched)
+    key = "masked_sync_tensor"
+    x, dy, p = _inputs(res, key)
+    want_y, _, _ = ref.forward(x, -1, p["gamma"], p["beta"], EPS, p["mm0"], p["mv0"])
+    want_dx, want_dg, want_db = ref.backward(x, dy, -1, p["gamma"], EPS, False,
+                                             p["mm0"], p["mv0"])
+    ref.close(np.concatenate(res.replicas(key, "frozen_y")), want_y, tf.float32)
+    ref.close(np.concatenate(res.replicas(key, "frozen_dx")), want_dx, tf.float32)
+    ref.close(res.get(key, "frozen_dgamma"), want_dg, tf.float32)
+    ref.close(res.get(key, "frozen_dbeta"), want_db, tf.float32)
+    _check_moving(res, key, p["mm0"], p["mv0"], prefix="frozen_", counter=COUNTER0)
+    _check_masked_step(res, key, x, dy, p, -1, None, True)
+    _check_moving(res, key, *_masked_moving_after(p, x, res.get(key, "mask"), -1))
+
+
+@pytest.mark.parametrize("key", ["second_order_epilogue", "second_order_masked"])
+def test_second_order_through_sync_bn_with_the_epilogue(mirrored, key):
+    """The gradient penalty through relu(bn(x) + sin(x)) under SyncBN
+    (batch_norm; the layer with a mask, one shard all masked) equals plain
+    TF float64 ops on the global batch (two-pass moments without
+    tf.nn.moments' stop_gradient; masked: over the unmasked positions)."""
+    x = tf.constant(mirrored.get(key, "x"), tf.float64)
+    w = tf.constant(mirrored.get(key, "dy"), tf.float64)
+    gamma = tf.constant(mirrored.get(key, "gamma"), tf.float64)
+    mask = mirrored.get(key, "mask") if key.endswith("masked") else np.ones(x.shape[:-1], bool)
+    keep = tf.cast(tf.broadcast_to(mask[..., None], x.shape), tf.float64)
+    axes = [0, 1, 2]
+
+    def bn(x, gamma):
+        n = tf.reduce_sum(keep, axes)
+        mean = tf.reduce_sum(keep * x, axes) / n
+        var = tf.reduce_sum(keep * tf.square(x - mean), axes) / n
+        return tf.nn.relu((x - mean) * tf.math.rsqrt(var + EPS) * gamma + tf.sin(x))
+
+    with tf.GradientTape() as outer:
+        outer.watch([x, gamma])
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = bn(x, gamma)
+            loss = tf.reduce_sum(w * y * y)
+        pen = tf.reduce_sum(tf.square(inner.gradient(loss, x)))
+    dx, dgamma = outer.gradient(pen, [x, gamma])
+    ref.close(mirrored.get(key, "penalty"), pen.numpy(), tf.float32, scale=float(pen))
+    ref.close(np.concatenate(mirrored.replicas(key, "dpen_dx")), dx.numpy(), tf.float32)
+    ref.close(mirrored.get(key, "dpen_dgamma"), dgamma.numpy(), tf.float32)
+
+
 # ---------------------------------------------------------------- Keras
 
 def _weights(res, key):
@@ -409,8 +613,9 @@ def test_unsupported_strategies_and_variables_raise(launched):
         assert (res.components(key, "moving_mean") == 0.5).all()
         assert (res.components(key, "moving_variance") == 1.0).all()
         assert (res.components(key, "num_updates") == COUNTER0).all()
-    msg = str(res.get("errors:xla", "error"))
-    assert "XLA" in msg and "replica context" in msg, msg
+    for key in ("errors:xla", "errors:xla_masked"):
+        msg = str(res.get(key, "error"))
+        assert "XLA" in msg and "replica context" in msg, msg
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "local"])
@@ -436,5 +641,8 @@ def test_the_full_run_has_every_scenario(launched):
                      "local_nhwc", "local_nchw", "local_empty", "local_tensor",
                      "fit_sync", "fit_local", "ckpt", "second_order", "sync_eager",
                      "sync_half", "local_steps", "update", "v1_sync", "v1_local",
-                     "errors"):
+                     "errors", "sync_epilogue", "local_epilogue", "masked_sync",
+                     "masked_local", "masked_sync_nchw", "masked_local_nchw",
+                     "masked_sync_tensor", "second_order_epilogue",
+                     "second_order_masked"):
         assert any(k.startswith(scenario + ":") for k in res.arrays[0]), scenario

@@ -458,3 +458,23 @@ def test_gradients_with_a_temporary_upstream_gradient(axis, activation):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     _, truth = _truth(k, axis, True, activation)
     ref.close(ref.to64(grads(True)[1]), truth[3], tf.float32)
+
+
+@pytest.mark.parametrize("side", [False, True])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_relu_gradient_of_an_empty_batch(axis, side):
+    """An empty x (e.g. a replica's empty shard under tf.distribute) with
+    the relu epilogue: y and the gradients are empty, not an error."""
+    shape = (0, 3, 4) if axis == 1 else (0, 4, 3)
+    x = tf.zeros(shape)
+    mm, mv = tf.Variable(tf.zeros([3])), tf.Variable(tf.ones([3]))
+    s = tf.zeros(shape) if side else None
+    for fn in (lambda: fused_bn.normalize(x, tf.zeros([3]), tf.ones([3]), axis=axis,
+                                          side_input=s, activation="relu"),
+               lambda: fused_bn.batch_norm(x, False, None, None, mm, mv, axis=axis,
+                                           side_input=s, activation="relu")):
+        with tf.GradientTape() as tape:
+            tape.watch([x] + ([s] if side else []))
+            y = fn()
+        grads = tape.gradient(y, [x] + ([s] if side else []))
+        assert y.shape == shape and all(g.shape == shape for g in grads)

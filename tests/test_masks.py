@@ -365,3 +365,90 @@ def test_unmasked_and_inference_calls_stay_one_fused_op():
     assert op_types(lambda: layer(x, training=False, mask=mask)) == {"FusedBn>Forward"}
     # (the moving update is inside a tf.cond branch: at least 2 values)
     assert op_types(lambda: layer(x, training=True, mask=mask)) == {"FusedBn>Normalize"}
+
+
+def _residual_model(bn, activation, side_masked, fused):
+    """Masking -> Dense, plus a residual branch from a second input (masked
+    by its own Masking layer, or not), joined by the batch norm's epilogue
+    (fused) or by BatchNormalization + Add + ReLU (Keras), then
+    GlobalAveragePooling1D: with the mask it receives when both branches
+    are masked, else with the inputs' (Add drops a mask that only one of
+    its inputs has; fused_bn's layer keeps the inputs'). Returns the model
+    and its Dense layers."""
+    inputs, residual = keras.Input((7, 3)), keras.Input((7, 3))
+    dense = [keras.layers.Dense(6), keras.layers.Dense(6), keras.layers.Dense(1)]
+    h = dense[0](keras.layers.Masking(0.0)(inputs))
+    s = dense[1](keras.layers.Masking(0.0)(residual) if side_masked else residual)
+    if fused:
+        y = bn(h, side_input=s)
+    else:
+        y = keras.layers.Add()([bn(h), s])
+        y = keras.layers.ReLU()(y) if activation == "relu" else y
+    pool = keras.layers.GlobalAveragePooling1D()
+    if side_masked:
+        pooled = pool(y)
+    else:
+        pooled = pool(y, mask=keras.ops.any(keras.ops.not_equal(inputs, 0.0), axis=-1))
+    return keras.Model([inputs, residual], dense[2](pooled)), dense
+
+
+@pytest.mark.parametrize("side_masked", [False, True], ids=["side", "masked_side"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_side_input_keeps_the_mask_and_matches_keras(activation, side_masked):
+    """With side_input, Keras does not pass the inputs' mask to call() (two
+    tensor arguments): the layer reads it. Against
+    keras.layers.BatchNormalization + Add (+ ReLU): moving statistics of the
+    unmasked positions, weights after fit, predictions (the output's mask
+    reaches the pooling: both branches padded alike, as in a residual
+    block)."""
+    x, y = _sequences(seed=54)
+    r, _ = _sequences(seed=55)
+    if side_masked:
+        r[np.all(x == 0, axis=-1)] = 0.0  # the same padding
+    else:
+        r = r + 0.5
+    ours = fused_bn.BatchNormalization(momentum=0.9, warmup=False,
+                                       unbiased_variance=False, activation=activation)
+    theirs = keras.layers.BatchNormalization(momentum=0.9)
+    m1, dense1 = _residual_model(ours, activation, side_masked, True)
+    m2, dense2 = _residual_model(theirs, activation, side_masked, False)
+    for a, b in zip(dense1, dense2):
+        b.set_weights(a.get_weights())
+    for m in (m1, m2):
+        m.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=False)
+        m.fit([x, r], y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(_stats(ours), _stats(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dense1 + [ours], dense2 + [theirs]):
+        for u, v in zip(a.trainable_weights, b.trainable_weights):
+            np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m1.predict([x, r], verbose=0), m2.predict([x, r], verbose=0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_side_input_uses_the_inputs_mask():
+    """Eager calls: the statistics use the mask attached to the inputs (or
+    an explicit `mask=`), never side_input's; the output carries the
+    inputs' mask whatever side_input carries."""
+    from fused_bn.layers import _keras_mask
+    x, mask = _data((6, 5, 4), 100)
+    s, side_mask = _data((6, 5, 4), 101)
+    layer = fused_bn.BatchNormalization(momentum=0.0, warmup=False, unbiased_variance=False)
+    layer(x)
+
+    def tagged(t, m):
+        t = tf.identity(t)
+        if m is not None:
+            keras.src.backend.set_keras_mask(t, tf.constant(m))
+        return t
+
+    for x_mask, s_mask in [(mask, side_mask), (mask, None), (None, side_mask)]:
+        y = layer(tagged(x, x_mask), training=True, side_input=tagged(s, s_mask))
+        keep = np.ones(x.shape[:-1], bool) if x_mask is None else x_mask
+        _close(layer.moving_mean.numpy(), _numpy_moments(x, keep, -1)[0])
+        if x_mask is None:
+            assert _keras_mask(y) is None
+        else:
+            np.testing.assert_array_equal(_keras_mask(y).numpy(), x_mask)
+    layer(tagged(x, mask), training=True, mask=side_mask, side_input=tagged(s, None))
+    _close(layer.moving_mean.numpy(), _numpy_moments(x, side_mask, -1)[0])

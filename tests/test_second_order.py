@@ -136,6 +136,104 @@ def test_gradient_penalty_through_conv_matches_stock_and_composite(training):
     _assert_close(ours, truth, 1e-4, "ours vs truth")
 
 
+# The epilogue relu(bn(x) + side_input): (side_input given, activation).
+EPILOGUES = [(True, None), (False, "relu"), (True, "relu")]
+EPILOGUE_IDS = ["side", "relu", "side+relu"]
+
+
+def _with_epilogue(impl, side, activation):
+    """activation(bn(x) + s) as a bn function of _penalty_grads' form plus s:
+    impl "fused" (batch_norm's epilogue), "blocks" (moments + normalize, the
+    layer's masked path) or "composite" (then tf.add and tf.nn.relu)."""
+    def f(x, training, scale, offset, mean, var, axis, s):
+        s = s if side else None
+        if impl == "fused":
+            return fused_bn.batch_norm(x, training, scale, offset, mean, var, axis=axis,
+                                       momentum=1.0, epsilon=EPS, side_input=s,
+                                       activation=activation)
+        if impl == "blocks":
+            if training:
+                mean, var = fused_bn.moments(x, axis=axis)
+            return fused_bn.normalize(x, mean, var, scale, offset, EPS, axis=axis,
+                                      side_input=s, activation=activation)
+        y = _composite(x, training, scale, offset, mean, var, axis)
+        y = y + s if side else y
+        return tf.nn.relu(y) if activation == "relu" else y
+    return f
+
+
+@pytest.mark.parametrize("side,activation", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_gradient_penalty_through_the_epilogue_matches_composite_float64(
+        axis, training, side, activation):
+    """WGAN-GP through activation(bn(h) + s) with h and s both functions of
+    the critic's input: d(penalty)/d(w, w_side, scale, offset)."""
+    rng = np.random.default_rng(30)
+    x = tf.constant(rng.normal(0.3, 1.5, (3, 4, 5, 6)))
+    c = 6 if axis == -1 else 4
+    w = tf.Variable(rng.normal(0, 1, (x.shape[axis], c)))
+    w_side = tf.Variable(rng.normal(0, 1, (x.shape[axis], c)))
+    scale, offset, mean, var = _params(c, tf.float64, 31)
+
+    def run(impl):
+        bn = _with_epilogue(impl, side, activation)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                h = _dense(x, w, axis)
+                y = bn(h, training, scale, offset, mean, var, axis,
+                       _dense(tf.sin(x), w_side, axis))
+                critic = tf.reduce_sum(tf.tanh(y) * tf.cos(h))
+            penalty = tf.reduce_sum(tf.square(inner.gradient(critic, x)))
+        return outer.gradient(penalty, [w, w_side, scale, offset],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    ours, want = run("fused"), run("composite")
+    _assert_close(ours, want, 1e-10, "penalty grads")
+    assert side or np.abs(ref.to64(want[1])).max() == 0
+    assert np.abs(ref.to64(want[0])).max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["double_tape", "forward_over_backward", "blocks"])
+@pytest.mark.parametrize("side,activation", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), -1), ((2, 3, 2, 5), 1)])
+def test_hessian_vector_product_through_the_epilogue_float64(shape, axis, training,
+                                                             side, activation, mode):
+    """H v for f(x) = sum(sin(activation(bn(x) + s(x))) * x), s(x) = cos(x)
+    (so the side input's own second-order path counts), against the
+    composite: batch_norm (double tape, forward over backward) and moments
+    + normalize ("blocks", double tape)."""
+    rng = np.random.default_rng(32)
+    x = tf.constant(rng.normal(0.5, 2.0, shape))
+    v = tf.constant(rng.normal(0, 1, shape))
+    params = _params(shape[axis], tf.float64, 33)
+
+    def hvp(impl):
+        bn = _with_epilogue(impl, side, activation)
+        f_of = lambda x: tf.reduce_sum(  # noqa: E731
+            tf.sin(bn(x, training, *params, axis, tf.cos(x))) * x)
+        if mode == "forward_over_backward":
+            with tf.autodiff.ForwardAccumulator(x, v) as acc:
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    f = f_of(x)
+                g = tape.gradient(f, x)
+            return acc.jvp(g), g
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                f = f_of(x)
+            g = inner.gradient(f, x)
+        return outer.gradient(g, x, output_gradients=v), g
+
+    h_ours, g_ours = hvp("blocks" if mode == "blocks" else "fused")
+    h_ref, g_ref = hvp("composite")
+    _assert_close([g_ours, h_ours], [g_ref, h_ref], 1e-10, "grad, hvp")
+
+
 def _hvp_double_tape(bn, x, v, params, training, axis):
     """H v for f(x) = sum(sin(bn(x)) * x), and the gradient of f."""
     scale, offset, mean, var = params

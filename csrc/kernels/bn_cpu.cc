@@ -1052,7 +1052,9 @@ Status forward(const ForwardParams& p, const ParallelFor& pf) {
 
 Status backward(const BackwardParams& p, const ParallelFor& pf) {
   if (p.shape.channels == 0) return Status::Ok();  // nothing to do
-  if (p.relu && !p.y) return Status::Error("backward: relu needs y");
+  if (p.relu && !p.y && p.shape.size() > 0) {
+    return Status::Error("backward: relu needs y");
+  }
   Status st = check_given_sums(p);
   if (!st.ok()) return st;
   return dispatch(p.dtype, [&](auto t, auto u) {
