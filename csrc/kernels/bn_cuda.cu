@@ -31,6 +31,7 @@
 #include <string>
 
 #include "bn_cuda.h"
+#include "bn_math.h"
 #include "cuda_launch.h"
 
 namespace fused_bn {
@@ -68,7 +69,7 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+  return __ushort_as_bfloat16(math::bf16_bits(v));
 }
 
 template <typename T, int N>
@@ -112,20 +113,12 @@ __device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
 
 // ---------------------------------------------------------------- Welford
 
-struct Welford {
-  float n, mean, m2;
-};
-__device__ __forceinline__ void push(Welford& w, float x) {
-  w.n += 1.f;
-  const float d = x - w.mean;
-  w.mean += d / w.n;
-  w.m2 += d * (x - w.mean);
-}
+using Welford = math::Moments<float>;
 __device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
-  if (b.n == 0.f) return a;
-  if (a.n == 0.f) return b;
-  const float n = a.n + b.n, fb = b.n / n, d = b.mean - a.mean;
-  return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.n * fb};
+  return math::chan_merge(a, b);
+}
+__device__ __forceinline__ void push(Welford& w, float x) {
+  w = merge(w, Welford{1.f, x, 0.f});
 }
 template <int N>
 __device__ __forceinline__ void push_pack(Welford& w, const float (&x)[N]) {
@@ -171,14 +164,15 @@ struct Final {
 // The backward's per-channel outputs from sum(dy) = sd and
 // sum(dy * x_hat) = ds over f.count values.
 __device__ void grad_coef(const Final& f, int64_t c, double sd, double ds) {
-  const double n = double(f.count);
-  const double r = f.grad_inv_std[c];
   if (f.dscale) f.dscale[c] = float(ds);
   if (f.doffset) f.doffset[c] = float(sd);
-  const double kd = (f.scale ? double(f.scale[c]) : 1.0) * r;
-  f.coef[c] = float(kd);
-  f.coef[f.C + c] = f.training ? float(-kd * r * ds / n) : 0.f;
-  f.coef[2 * f.C + c] = f.training ? float(-kd * sd / n) : 0.f;
+  const math::GradCoefs k =
+      math::grad_coefs(f.scale ? double(f.scale[c]) : 1.0,
+                       double(f.grad_inv_std[c]), sd, ds, double(f.count),
+                       f.training);
+  f.coef[c] = float(k.k_dy);
+  f.coef[f.C + c] = float(k.k_x);
+  f.coef[2 * f.C + c] = float(k.k_0);
 }
 
 template <Kind K>
@@ -190,20 +184,17 @@ __device__ void finalize(const Final& f, int64_t c, double a, double b) {
   } else if (K == Kind::kForward) {
     const double var = b / n;
     f.saved_mean[c] = float(a);
-    f.saved_inv_std[c] = float(1.0 / sqrt(var + f.epsilon));
+    f.saved_inv_std[c] = float(math::inv_std(var, f.epsilon));
     if (f.moving_mean) {
-      double m = f.momentum;
-      if (f.num_updates) {
-        const double t = double(*f.num_updates);
-        m = fmin(m, t / (t + 1.0));
-      }
-      const double bessel = f.unbiased && f.count > 1 ? n / (n - 1.0) : 1.0;
-      f.moving_mean[c] = float(double(f.moving_mean[c]) * m + a * (1.0 - m));
-      f.moving_var[c] =
-          float(double(f.moving_var[c]) * m + var * bessel * (1.0 - m));
+      const double m = math::ema_momentum(f.momentum, f.num_updates != nullptr,
+                                          f.num_updates ? *f.num_updates : 0);
+      const double bessel = math::bessel_factor(f.unbiased, f.count);
+      f.moving_mean[c] = float(math::ema(f.moving_mean[c], a, m));
+      f.moving_var[c] = float(
+          math::ema(f.moving_var[c], math::batch_variance(var, bessel), m));
     }
   } else {
-    grad_coef(f, c, a, b * double(f.grad_inv_std[c]));
+    grad_coef(f, c, a, math::sum_dy_xhat(b, double(f.grad_inv_std[c])));
   }
 }
 
@@ -433,35 +424,29 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int64_t c = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (c >= a.C) return;  // warp-uniform
-  double m = 0.0, q = 0.0, n = 0.0;
+  math::Moments<double> w{0.0, 0.0, 0.0};
   for (int64_t b = lane; b < gy; b += 32) {
     const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
     if (K == Kind::kGrad) {
-      m += bm;
-      q += bq;
+      w.mean += bm;
+      w.m2 += bq;
     } else {
       const double nb = double(min(a.per, a.outer - b * a.per) * a.inner);
-      const double nn = n + nb, d = bm - m;
-      m += d * (nb / nn);
-      q += bq + d * d * (n * nb / nn);
-      n = nn;
+      w = math::chan_merge(w, {nb, bm, bq});
     }
   }
   for (int off = 16; off > 0; off /= 2) {
-    const double om = __shfl_down_sync(0xffffffffu, m, off);
-    const double oq = __shfl_down_sync(0xffffffffu, q, off);
-    const double on = __shfl_down_sync(0xffffffffu, n, off);
+    const math::Moments<double> o{__shfl_down_sync(0xffffffffu, w.n, off),
+                                  __shfl_down_sync(0xffffffffu, w.mean, off),
+                                  __shfl_down_sync(0xffffffffu, w.m2, off)};
     if (K == Kind::kGrad) {
-      m += om;
-      q += oq;
-    } else if (on > 0.0) {
-      const double nn = n + on, d = om - m;
-      m += d * (on / nn);
-      q += oq + d * d * (n * on / nn);
-      n = nn;
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = math::chan_merge(w, o);
     }
   }
-  if (lane == 0) finalize<K>(a.f, c, m, q);
+  if (lane == 0) finalize<K>(a.f, c, w.mean, w.m2);
 }
 
 // ---------------------------------------------------------------- apply
@@ -504,7 +489,7 @@ __device__ __forceinline__ Coef coef_of(const ApplyArgs& a, int64_t c,
     r.b = a.coef[2 * a.C + c];
     return r;
   }
-  const double inv = a.stat_is_var ? 1.0 / sqrt(double(a.stat[c]) + a.epsilon)
+  const double inv = a.stat_is_var ? math::inv_std(a.stat[c], a.epsilon)
                                    : double(a.stat[c]);
   r.k = float((a.scale ? double(a.scale[c]) : 1.0) * inv);
   r.b = a.offset ? a.offset[c] : 0.f;
@@ -633,16 +618,12 @@ __global__ void __launch_bounds__(kThreads)
     update_kernel(const float* mean, const float* var, int64_t C,
                   int64_t count, float* mm, float* mv, int64_t* num_updates,
                   double momentum, bool unbiased) {
-  double m = momentum;
-  if (num_updates) {
-    const double t = double(*num_updates);
-    m = fmin(m, t / (t + 1.0));
-  }
-  const double bessel =
-      unbiased && count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double m = math::ema_momentum(momentum, num_updates != nullptr,
+                                      num_updates ? *num_updates : 0);
+  const double bessel = math::bessel_factor(unbiased, count);
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    mm[c] = float(double(mm[c]) * m + double(mean[c]) * (1.0 - m));
-    mv[c] = float(double(mv[c]) * m + double(var[c]) * bessel * (1.0 - m));
+    mm[c] = float(math::ema(mm[c], mean[c], m));
+    mv[c] = float(math::ema(mv[c], math::batch_variance(var[c], bessel), m));
   }
   __syncthreads();
   if (num_updates && threadIdx.x == 0) *num_updates += 1;
@@ -894,13 +875,12 @@ Status normalize(const NormalizeParams& p, cudaStream_t stream) {
 }
 
 Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
+  if (p.channels < 0) return Status::Error("update: channels < 0");
+  if (p.channels == 0) return Status::Ok();  // nothing changes (bn.h)
   if (p.dtype == DType::kFloat64) {
     return Status::Error("float64 is not supported on GPU");
   }
-  if (p.channels < 0) return Status::Error("update: channels < 0");
-  if (p.channels == 0 && !p.num_updates) return Status::Ok();
-  if (p.channels > 0 &&
-      (!p.mean || !p.var || !p.moving_mean || !p.moving_var)) {
+  if (!p.mean || !p.var || !p.moving_mean || !p.moving_var) {
     return Status::Error(
         "update: mean, var, moving_mean and moving_var are required");
   }
