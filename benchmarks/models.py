@@ -21,6 +21,9 @@ Variants (the same architecture and initial weights' shapes):
   tf_keras           tf_keras.layers.BatchNormalization(fused=True) (the
                      stock FusedBatchNormV3; the MLP's [N, C] goes in as
                      [N, 1, 1, C]), Add, ReLU, in a tf_keras model
+  no_bn              no batch norm at all (Add and ReLU kept): the step
+                     time the rest of the model takes, so how much of a step
+                     batch norm is (not a baseline)
 Every variant's step is one tf.function (jit_compile=False, as Keras 3 fit
 does on a CPU-only machine). Samples are interleaved: repetition r runs the
 variants in an order rotated by r, each for --steps steps.
@@ -38,7 +41,7 @@ import time
 import numpy as np
 
 MODELS = ("resnet20", "mlp")
-VARIANTS = ("fused_bn", "fused_bn_plain", "keras", "tf_keras")
+VARIANTS = ("fused_bn", "fused_bn_plain", "keras", "tf_keras", "no_bn")
 BASELINES = ("keras", "tf_keras", "fused_bn_plain")
 TF_KERAS_HINT = 'pip install --no-deps "tf_keras==2.21.*"'
 
@@ -90,6 +93,8 @@ def bn_tail(variant, lib):
     def layers(h, side=None, relu=True):
         if variant == "fused_bn_plain":
             h = fused_bn.BatchNormalization()(h)
+        elif variant == "no_bn":
+            pass
         elif variant == "keras":
             h = lib.layers.BatchNormalization()(h)
         elif h.shape.rank == 2:  # tf_keras' fused op takes 4-D tensors only
@@ -306,7 +311,8 @@ def main(argv=None):
                         "(activation='relu', side_input=shortcut)",
             "fused_bn_plain": "fused_bn.BatchNormalization + Add + ReLU",
             "keras": "keras.layers.BatchNormalization + Add + ReLU (Keras 3)",
-            "tf_keras": "tf_keras.layers.BatchNormalization(fused=True) + Add + ReLU"}},
+            "tf_keras": "tf_keras.layers.BatchNormalization(fused=True) + Add + ReLU",
+            "no_bn": "no batch norm (Add + ReLU): the rest of the step"}},
         "cases": []}
     t_start = time.time()
     with tf.device("/CPU:0"):

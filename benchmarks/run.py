@@ -507,7 +507,8 @@ def write_markdown(path, report):
         f"# fused_bn benchmark: {m['device'].get('gpu', m['device']['cpu_model'])}"
         f" ({m['device']['kind']}, {m['intra_op_threads']} threads), {m['date']}",
         "",
-        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}. Command: "
+        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}. Load average "
+        f"before the run: {m.get('load_before', 'not recorded')}. Command: "
         f"`{m['command']}`",
         "",
         f"Times are medians of {m['reps']} interleaved samples (min and the "
@@ -598,6 +599,7 @@ def main(argv=None):
                                           sys.argv[1:] if argv is None else
                                           ["python -m benchmarks.run"] + argv),
         "device": device_info(tf, args.device), "intra_op_threads": threads,
+        "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "fused_bn": fused_bn.build_info(), "reps": args.reps,
         "min_time_s": args.min_time, "copy_method": COPY_METHOD,

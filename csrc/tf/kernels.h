@@ -3,8 +3,9 @@
 // Backend<Device>, the only device-specific part (kernels.cc: CPU,
 // kernels_gpu.cc: GPU). Variables are read and written in place under their
 // mutexes; nothing is changed unless every check passed. Elementwise outputs
-// (y, dx) reuse the buffer of x or dy when nothing else holds it: every
-// kernel writes element i only after reading element i of that input.
+// (y, dx, dside) reuse the buffer of x, side_input or dy when nothing else
+// holds it: every kernel writes element i only after reading element i of
+// that input.
 #pragma once
 
 #include <algorithm>
@@ -392,11 +393,17 @@ class ForwardGradOp : public OpKernel {
     OP_REQUIRES(ctx, dsides.size() <= 1,
                 errors::InvalidArgument("num_dside must be 0 or 1, got ",
                                         dsides.size()));
+    // dy's buffer, when nothing else holds it, goes to dside (the masked dy
+    // is written over dy by the reduction pass) or else to dx.
     Tensor *dx, *dscale, *doffset, *dside = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
+    if (dsides.size() == 1) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 3, x.shape(), &dside));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
+    }
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dscale));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({c}), &doffset));
-    if (dsides.size() == 1) OP_REQUIRES_OK(ctx, dsides.allocate(0, x.shape(), &dside));
     if (c == 0) return;
     kernels::BackwardParams p;
     p.dtype = DTypeOf<T>();
