@@ -429,6 +429,14 @@ inline bool far_from_pilot(double dsum, double sq, double inv_n) {
   return dsum * dsum * inv_n > 0.875 * sq;
 }
 
+// M2 = sum(d * d) - sum(d)^2 / n, clamped at 0 against rounding; NaN stays
+// NaN (std::max would make it 0): a block holding an Inf gives Inf - Inf,
+// and its channel's statistics must come out NaN, as the stock op's do.
+inline double block_m2(double sq, double dsum, double inv_n) {
+  const double m2 = sq - dsum * dsum * inv_n;
+  return m2 < 0.0 ? 0.0 : m2;
+}
+
 // Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
 // the block's first kPilot rows (channels-last) or values, comes first;
 // the pass then sums d = x - K and d * d, and the block mean is
@@ -509,7 +517,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       }
     }
     for (int64_t c = 0; c < w; ++c) {
-      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] * inv_n);
+      m2_out[c] = block_m2(m2_out[c], dsum_d[c], inv_n);
       mean_out[c] = double(mean[c]) + dsum_d[c] * inv_n;
     }
   } else {
@@ -542,7 +550,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       dsum_d = m2_d = 0.0;
     }
     pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d * inv_n;
-    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d * inv_n);
+    pm2[u.block * s.channels + u.c0] = block_m2(m2_d, dsum_d, inv_n);
   }
 }
 

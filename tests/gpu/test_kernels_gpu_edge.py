@@ -91,6 +91,11 @@ def test_zero_channels_is_a_no_op(k, buf, inner):
     buf.sync()
 
 
+@pytest.mark.parametrize("inner", [1, 7])
+def test_zero_channels_keep_the_counter(k, buf, inner):
+    ku.check_zero_channels_keep_the_counter(k, buf, inner)
+
+
 # ---------------------------------------------------------------- alignment
 
 SHAPES = [(37, 64, 1), (20011, 72, 1), (4, 64, 49), (67, 33, 531)]
