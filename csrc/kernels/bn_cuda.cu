@@ -21,6 +21,14 @@
 // C a multiple of the vector width and 16-byte aligned pointers; channels-
 // first: equal pointer misalignment, each row then has a scalar head, an
 // aligned vector body and a scalar tail); otherwise scalar.
+// Arithmetic is IEEE (CMakeLists.txt builds without --use_fast_math): the
+// Welford and Chan divisions are correctly rounded, float32 denormals are
+// kept, and the per-channel math (bn_math.h) is double, as on the CPU and
+// in the emulator, which can then check the numerics too (up to nvcc's
+// contraction of a * b + c into FMAs). Fast math would save a few
+// instructions per 16-byte vector (one float division in a pack's Welford
+// merge) in kernels bound by memory bandwidth, at the price of divisions
+// off by up to 2 ulp and of flushing inputs below 1.2e-38 to zero.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
