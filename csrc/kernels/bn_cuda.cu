@@ -55,6 +55,29 @@ constexpr int64_t kSmallElems = int64_t(1) << 20;  // single block-row below
 constexpr int64_t kMinRowsPerThread = 4;      // channels-last reduce slab
 constexpr int64_t kMinSlabElems = 16384;      // channels-first reduce slab
 constexpr int64_t kMaxGridY = 65535;
+// Channels-first rows are cut into chunks of kChunk values (the last one
+// shorter), the work items of a warp: a long row is spread over many warps
+// and blocks, and a lane's float sums never span more than kChunk / 32
+// values. A multiple of 32 lanes x 16 bytes, so every chunk of a row has
+// the row's 16-byte misalignment.
+constexpr int64_t kChunk = 16384;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Chunks of a channels-first row of S values (one for an empty row).
+__host__ __device__ inline int64_t chunks_of(int64_t S) {
+  return S > kChunk ? ceil_div(S, kChunk) : 1;
+}
+
+// Values of one channel in its first i work items (chunks, row-major over
+// the outer axis, `chunks` per row of S values).
+__host__ __device__ inline int64_t values_before(int64_t i, int64_t chunks,
+                                                 int64_t S) {
+  const int64_t k = (i % chunks) * kChunk;
+  return (i / chunks) * S + (k < S ? k : S);
+}
 
 enum class Kind { kMoments, kForward, kGrad };
 
@@ -138,6 +161,25 @@ __device__ __forceinline__ void push_pack(Welford& w, const float (&x)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) q += (x[i] - m) * (x[i] - m);
   w = merge(w, Welford{float(N), m, q});
+}
+
+// The warp's lanes' (n, mean, M2) merged in a fixed shuffle tree (Chan; plain
+// sums of mean and m2 for the backward's (unused, sum dy, sum dy*(x-mean))):
+// lane 0 gets the warp's.
+template <bool kSums>
+__device__ __forceinline__ Welford warp_merge(Welford w) {
+  for (int off = 16; off > 0; off /= 2) {
+    const Welford o{__shfl_down_sync(0xffffffffu, w.n, off),
+                    __shfl_down_sync(0xffffffffu, w.mean, off),
+                    __shfl_down_sync(0xffffffffu, w.m2, off)};
+    if (kSums) {
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = merge(w, o);
+    }
+  }
+  return w;
 }
 
 // ---------------------------------------------------------------- finalise
@@ -224,8 +266,10 @@ struct ReduceArgs {
   void* g = nullptr;        // kGrad: the (masked) dy is written here
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;        // channels-last: threads across channel vectors
-  int64_t per = 0;   // rows (channels-last) or samples (channels-first) per
-                     // block-row
+  int64_t per = 0;   // rows (channels-last) or work items (channels-first)
+                     // per block-row
+  int64_t chunks = 1;  // channels-first: chunks per row (kChunk values each)
+  int64_t items = 0;   // channels-first: work items per channel
   float* part_a = nullptr;  // [gy, C] partial mean / sum dy
   float* part_b = nullptr;  // [gy, C] partial M2 / sum dy*(x-mean)
   Final f;
@@ -330,34 +374,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Channels-first [N, C, S] reduction of channel blockIdx.x over samples
-// [n0, n0 + per) of block-row blockIdx.y: warp w reduces the rows (n, c) with
-// n = n0 + w, n0 + w + 8, ...; its lanes stride over the row's S contiguous
-// values. Lanes merge by shuffles (fixed order), then warps in order.
+// Channels-first [N, C, S] reduction of channel blockIdx.x. Its rows
+// (n, c) are cut into chunks of kChunk values, the work items (row-major
+// over n); block-row blockIdx.y takes items [i0, i0 + per), warp w the items
+// i0 + w, i0 + w + 8, ..., its lanes striding over the item's values. An
+// item's lane sums (float, at most kChunk / 32 values) are merged by
+// shuffles in a fixed tree and then into the warp's double accumulator, so
+// accuracy does not depend on the row length; warps merge in order.
 template <typename T, int VEC, Kind K>
 __global__ void __launch_bounds__(kThreads)
     reduce_cf_kernel(const ReduceArgs a) {
-  __shared__ Welford sh[kWarps];
+  __shared__ math::Moments<double> sh[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t c = blockIdx.x, C = a.C, S = a.inner;
-  const int64_t n0 = int64_t(blockIdx.y) * a.per;
-  const int64_t n1 = min(a.outer, n0 + a.per);
+  const int64_t i0 = int64_t(blockIdx.y) * a.per;
+  const int64_t i1 = min(a.items, i0 + a.per);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   const T* ym = static_cast<const T*>(a.y);
   T* g = static_cast<T*>(a.g);
   const float mc = K == Kind::kGrad ? a.f.grad_mean[c] : 0.f;
   // Moments: (n, mean, m2). Grad: (unused, sum dy, sum dy*(x-mean)).
-  Welford w{0.f, 0.f, 0.f};
-  for (int64_t s = n0 + warp; s < n1; s += kWarps) {
-    const int64_t off = (s * C + c) * S;
+  math::Moments<double> acc{0.0, 0.0, 0.0};
+  for (int64_t i = i0 + warp; i < i1; i += kWarps) {
+    const int64_t k0 = (i % a.chunks) * kChunk;
+    const int64_t len = min(kChunk, S - k0);
+    const int64_t off = ((i / a.chunks) * C + c) * S + k0;
     const T* xr = x + off;
+    Welford w{0.f, 0.f, 0.f};
     if (K == Kind::kGrad) {
       const T* dr = dy + off;
       const T* yr = ym ? ym + off : nullptr;
       T* gr = g ? g + off : nullptr;
       for_row<VEC>(
-          xr, S, lane, 32,
+          xr, len, lane, 32,
           [&](int64_t i) {
             float d = to_float(dr[i]);
             if (yr && !(to_float(yr[i]) > 0.f)) d = 0.f;
@@ -382,50 +432,46 @@ __global__ void __launch_bounds__(kThreads)
               w.m2 += dv[v] * (xv[v] - mc);
             }
           });
+      w = warp_merge<true>(w);
+      acc.mean += w.mean;
+      acc.m2 += w.m2;
     } else {
       for_row<VEC>(
-          xr, S, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
+          xr, len, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
           [&](int64_t i) {
             float xv[VEC];
             load<VEC>(xr + i, xv);
             push_pack(w, xv);
           });
+      w = warp_merge<false>(w);
+      acc = math::chan_merge(acc, {w.n, w.mean, w.m2});
     }
   }
-  for (int off = 16; off > 0; off /= 2) {
-    const Welford o{__shfl_down_sync(0xffffffffu, w.n, off),
-                    __shfl_down_sync(0xffffffffu, w.mean, off),
-                    __shfl_down_sync(0xffffffffu, w.m2, off)};
-    if (K == Kind::kGrad) {
-      w.mean += o.mean;
-      w.m2 += o.m2;
-    } else {
-      w = merge(w, o);
-    }
-  }
-  if (lane == 0) sh[warp] = w;
+  if (lane == 0) sh[warp] = acc;
   __syncthreads();
   if (threadIdx.x != 0) return;
   for (int i = 1; i < kWarps; ++i) {
     if (K == Kind::kGrad) {
-      w.mean += sh[i].mean;
-      w.m2 += sh[i].m2;
+      acc.mean += sh[i].mean;
+      acc.m2 += sh[i].m2;
     } else {
-      w = merge(w, sh[i]);
+      acc = math::chan_merge(acc, sh[i]);
     }
   }
   if (gridDim.y == 1) {
-    finalize<K>(a.f, c, w.mean, w.m2);
+    finalize<K>(a.f, c, acc.mean, acc.m2);
   } else {
-    a.part_a[blockIdx.y * C + c] = w.mean;
-    a.part_b[blockIdx.y * C + c] = w.m2;
+    a.part_a[blockIdx.y * C + c] = float(acc.mean);
+    a.part_b[blockIdx.y * C + c] = float(acc.m2);
   }
 }
 
 // One warp per channel c: lane l merges the partials of block-rows
 // b = l, l + 32, ... in order, then the lanes merge in a fixed shuffle tree
 // (Chan for moments, plain sums for the backward, in double); lane 0
-// finalises. Block-row b covers min(per, outer - b * per) * inner values.
+// finalises. Block-row b covers min(per, outer - b * per) rows
+// (channels-last) or the values of work items [b * per, (b + 1) * per)
+// (channels-first).
 template <Kind K>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const ReduceArgs a, int64_t gy) {
@@ -439,7 +485,11 @@ __global__ void __launch_bounds__(kThreads)
       w.mean += bm;
       w.m2 += bq;
     } else {
-      const double nb = double(min(a.per, a.outer - b * a.per) * a.inner);
+      const double nb = double(
+          a.inner == 1 ? min(a.per, a.outer - b * a.per)
+                       : values_before(min(a.items, (b + 1) * a.per), a.chunks,
+                                       a.inner) -
+                             values_before(b * a.per, a.chunks, a.inner));
       w = math::chan_merge(w, {nb, bm, bq});
     }
   }
@@ -639,7 +689,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- host side
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 int vec_width(DType t) { return kVecBytes / int(element_bytes(t)); }
@@ -656,6 +705,7 @@ int cl_tx(int64_t vectors) {
 struct ReduceGeo {
   int tx = 1;
   int64_t gx = 1, gy = 1, per = 1;
+  int64_t chunks = 1, items = 0;  // channels-first work items (ReduceArgs)
 };
 
 ReduceGeo reduce_geo(const Shape& s, int vec) {
@@ -672,15 +722,22 @@ ReduceGeo reduce_geo(const Shape& s, int vec) {
                  : std::min({ceil_div(kTargetBlocks, g.gx),
                              ceil_div(s.outer, ty * kMinRowsPerThread),
                              kMaxGridY});
+    g.gy = std::max<int64_t>(g.gy, 1);
+    g.per = std::max<int64_t>(ceil_div(s.outer, g.gy), 1);
+    g.gy = std::max<int64_t>(ceil_div(s.outer, g.per), 1);
   } else {
+    // At least a work item per warp and kMinSlabElems values per block-row.
     g.gx = s.channels;
+    g.chunks = chunks_of(s.inner);
+    g.items = s.outer * g.chunks;
     g.gy = small ? 1
-                 : std::min({ceil_div(kTargetBlocks, s.channels), s.outer,
+                 : std::min({ceil_div(kTargetBlocks, s.channels),
+                             ceil_div(g.items, kWarps),
                              ceil_div(s.count(), kMinSlabElems), kMaxGridY});
+    g.gy = std::max<int64_t>(g.gy, 1);
+    g.per = std::max<int64_t>(ceil_div(g.items, g.gy), 1);
+    g.gy = std::max<int64_t>(ceil_div(g.items, g.per), 1);
   }
-  g.gy = std::max<int64_t>(g.gy, 1);
-  g.per = std::max<int64_t>(ceil_div(s.outer, g.gy), 1);
-  g.gy = std::max<int64_t>(ceil_div(s.outer, g.per), 1);
   return g;
 }
 
@@ -764,6 +821,8 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
   a.inner = s.inner;
   a.tx = g.tx;
   a.per = g.per;
+  a.chunks = g.chunks;
+  a.items = g.items;
   a.f.C = s.channels;
   a.f.count = s.count();
   if (g.gy > 1) {
