@@ -517,6 +517,7 @@ struct ApplyArgs {
   bool relu = false;
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;
+  int64_t chunks = 1;  // channels-first: chunks per row (kChunk values each)
   // Normalize: per channel (mean, k = scale * inv_std, b = offset), with
   // inv_std = stat, or rsqrt(stat + epsilon) when stat_is_var.
   const float* mean = nullptr;
@@ -610,9 +611,11 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
   }
 }
 
-// Channels-first [N, C, S] elementwise pass. Warp w of block b handles rows
-// (n, c) = r = b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the
-// channel's coefficients and broadcasts them; lanes stride over the S values.
+// Channels-first [N, C, S] elementwise pass over the work items of
+// reduce_cf_kernel: chunk j of row (n, c) = r is item r * chunks + j, so a
+// long row is spread over many warps. Warp w of block b handles items
+// b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the channel's
+// coefficients and broadcasts them; lanes stride over the item's values.
 template <typename T, int VEC, bool kGrad>
 __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -632,21 +635,23 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
   const T* dy = static_cast<const T*>(a.dy);
   const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + warp; r < rows;
-       r += int64_t(gridDim.x) * kWarps) {
-    const int64_t c = r % a.C;
+  for (int64_t item = int64_t(blockIdx.x) * kWarps + warp;
+       item < rows * a.chunks; item += int64_t(gridDim.x) * kWarps) {
+    const int64_t r = item / a.chunks, c = r % a.C;
+    const int64_t k0 = (item % a.chunks) * kChunk;
     Coef k{0.f, 0.f, 0.f, 0.f};
-    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C);
+    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C && k0 == 0);
     k.m = __shfl_sync(0xffffffffu, k.m, 0);
     k.k = __shfl_sync(0xffffffffu, k.k, 0);
     k.b = __shfl_sync(0xffffffffu, k.b, 0);
     k.kx = __shfl_sync(0xffffffffu, k.kx, 0);
-    const T* xr = x + r * S;
-    const T* dr = kGrad ? dy + r * S : nullptr;
-    const T* sr = !kGrad && side ? side + r * S : nullptr;
-    T* orow = out + r * S;
+    const int64_t off = r * S + k0;
+    const T* xr = x + off;
+    const T* dr = kGrad ? dy + off : nullptr;
+    const T* sr = !kGrad && side ? side + off : nullptr;
+    T* orow = out + off;
     for_row<VEC>(
-        xr, S, lane, 32,
+        xr, min(kChunk, S - k0), lane, 32,
         [&](int64_t i) {
           const float d = kGrad ? to_float(dr[i]) : 0.f;
           float o = apply1<kGrad>(k, to_float(xr[i]), d);
@@ -873,8 +878,10 @@ Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
       launch<apply_cl_kernel<T, 1, kGrad>>(grid, kThreads, 0, stream, a);
     }
   } else {
+    a.chunks = chunks_of(s.inner);
     const int64_t blocks = std::max<int64_t>(
-        1, std::min(ceil_div(s.outer * s.channels, kWarps), kApplyBlocks * 4));
+        1, std::min(ceil_div(s.outer * s.channels * a.chunks, kWarps),
+                    kApplyBlocks * 4));
     if (vec == V) {
       launch<apply_cf_kernel<T, V, kGrad>>(unsigned(blocks), kThreads, 0,
                                            stream, a);
