@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -49,8 +50,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecBytes = 16;
-constexpr int64_t kTargetBlocks = 1024;       // reduction grid size, ~8/SM
-constexpr int64_t kApplyBlocks = 4096;        // elementwise grid size cap
 constexpr int64_t kSmallElems = int64_t(1) << 20;  // single block-row below
 constexpr int64_t kMinRowsPerThread = 4;      // channels-last reduce slab
 constexpr int64_t kMinSlabElems = 16384;      // channels-first reduce slab
@@ -706,14 +705,16 @@ int cl_tx(int64_t vectors) {
 }
 
 // Grid of a reduction: gx blocks across channels, gy block-rows of `per`
-// rows (channels-last) or samples (channels-first).
+// rows (channels-last) or work items (channels-first), about `target`
+// blocks in all when the tensor is big enough (gy never falls as target
+// grows, so a larger target bounds the partials' size).
 struct ReduceGeo {
   int tx = 1;
   int64_t gx = 1, gy = 1, per = 1;
   int64_t chunks = 1, items = 0;  // channels-first work items (ReduceArgs)
 };
 
-ReduceGeo reduce_geo(const Shape& s, int vec) {
+ReduceGeo reduce_geo(const Shape& s, int vec, int64_t target) {
   ReduceGeo g;
   const bool small = s.size() <= kSmallElems;
   if (s.inner == 1) {
@@ -724,7 +725,7 @@ ReduceGeo reduce_geo(const Shape& s, int vec) {
     g.gx = ceil_div(vectors, g.tx);
     const int64_t ty = kThreads / g.tx;
     g.gy = small ? 1
-                 : std::min({ceil_div(kTargetBlocks, g.gx),
+                 : std::min({ceil_div(target, g.gx),
                              ceil_div(s.outer, ty * kMinRowsPerThread),
                              kMaxGridY});
     g.gy = std::max<int64_t>(g.gy, 1);
@@ -736,7 +737,7 @@ ReduceGeo reduce_geo(const Shape& s, int vec) {
     g.chunks = chunks_of(s.inner);
     g.items = s.outer * g.chunks;
     g.gy = small ? 1
-                 : std::min({ceil_div(kTargetBlocks, s.channels),
+                 : std::min({ceil_div(target, s.channels),
                              ceil_div(g.items, kWarps),
                              ceil_div(s.count(), kMinSlabElems), kMaxGridY});
     g.gy = std::max<int64_t>(g.gy, 1);
@@ -746,10 +747,79 @@ ReduceGeo reduce_geo(const Shape& s, int vec) {
   return g;
 }
 
-// Bytes of the [gy, C] x 2 partials for either vector width.
+// ---------------------------------------------------------------- occupancy
+// Grids are one wave: the blocks of a kernel the current device holds at
+// once (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), cached per
+// device. A reduction's partials then come from blocks that all run
+// concurrently (a fixed 1024 was 1.55 waves at 5 blocks per SM on 132
+// SMs: the last 0.55 ran at half occupancy), and the grid-stride
+// elementwise passes have no tail wave. 0 means the runtime could not say
+// (its error is cleared here and reported by the caller).
+
+constexpr int kMaxDevices = 64;
+
+// The current device and its SM count; false if the runtime cannot say.
+bool current_device(int* device, int* sms) {
+  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
+      *device >= kMaxDevices ||
+      cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+// Blocks of kThreads threads that any kernel can have resident on the
+// current device: SMs x (threads per SM / kThreads). Bounds every
+// reduction's target, so that the workspace sized from it suffices.
+int64_t max_resident_blocks() {
+  static std::atomic<int64_t> cache[kMaxDevices];
+  int device = 0, sms = 0, threads = 0;
+  if (!current_device(&device, &sms)) return 0;
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor,
+                             device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  v = std::max<int64_t>(1, int64_t(sms) * (threads / kThreads));
+  cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// Kernel's resident blocks of kThreads threads (no dynamic shared memory)
+// on the current device, at most max_resident_blocks().
+template <auto Kernel>
+int64_t resident_blocks() {
+  static std::atomic<int64_t> cache[kMaxDevices];
+  int device = 0, sms = 0, per_sm = 0;
+  if (!current_device(&device, &sms)) return 0;
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads,
+                                                    0) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  v = std::min(std::max<int64_t>(1, int64_t(sms) * per_sm),
+               max_resident_blocks());
+  cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+Status no_occupancy(const char* what) {
+  return Status::Error(std::string("fused_bn: cannot size the grid of ") +
+                       what + ": the CUDA runtime gives no device occupancy");
+}
+
+// Bytes of the [gy, C] x 2 partials for any reduction kernel and vector
+// width (their targets are at most max_resident_blocks()).
 size_t partial_bytes(const Shape& s, DType t) {
-  const int64_t gy = std::max(reduce_geo(s, vec_width(t)).gy,
-                              reduce_geo(s, 1).gy);
+  const int64_t target = max_resident_blocks();
+  const int64_t gy = std::max(reduce_geo(s, vec_width(t), target).gy,
+                              reduce_geo(s, 1, target).gy);
   return gy > 1 ? align256(2 * gy * s.channels * sizeof(float)) : 0;
 }
 
@@ -814,13 +884,14 @@ Status check_shape(const Shape& s) {
   return Status::Ok();
 }
 
-// Reduction stage of kind K; finalises into a.f (one or two launches).
-template <typename T, Kind K>
-Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
-                  cudaStream_t stream) {
-  constexpr int V = kVecBytes / sizeof(T);
-  const int vec = pick_vec(s, t, {a.x, a.dy, a.y, a.g});
-  const ReduceGeo g = reduce_geo(s, vec);
+// A reduction by Kernel with the given vector width; finalises into a.f
+// (one or two launches).
+template <auto Kernel, Kind K>
+Status reduce_with(const Shape& s, int vec, ReduceArgs a, void* workspace,
+                   cudaStream_t stream) {
+  const int64_t target = resident_blocks<Kernel>();
+  if (target == 0) return no_occupancy("reduce");
+  const ReduceGeo g = reduce_geo(s, vec, target);
   a.outer = s.outer;
   a.C = s.channels;
   a.inner = s.inner;
@@ -835,20 +906,7 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
     a.part_a = static_cast<float*>(workspace);
     a.part_b = a.part_a + g.gy * s.channels;
   }
-  const dim3 grid{unsigned(g.gx), unsigned(g.gy)};
-  if (s.inner == 1) {
-    if (vec == V) {
-      launch<reduce_cl_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<reduce_cl_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
-    }
-  } else {
-    if (vec == V) {
-      launch<reduce_cf_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<reduce_cf_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
-    }
-  }
+  launch<Kernel>(dim3{unsigned(g.gx), unsigned(g.gy)}, kThreads, 0, stream, a);
   Status st = check_launch("reduce");
   if (!st.ok() || g.gy == 1) return st;
   launch<finalize_kernel<K>>(unsigned(ceil_div(s.channels, kWarps)), kThreads,
@@ -856,7 +914,53 @@ Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
   return check_launch("finalize");
 }
 
-// Elementwise stage (one launch).
+// Reduction stage of kind K: picks the kernel for the layout and vector width.
+template <typename T, Kind K>
+Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
+                  cudaStream_t stream) {
+  constexpr int V = kVecBytes / sizeof(T);
+  const int vec = pick_vec(s, t, {a.x, a.dy, a.y, a.g});
+  if (s.inner == 1 && vec == V) {
+    return reduce_with<reduce_cl_kernel<T, V, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  if (s.inner == 1) {
+    return reduce_with<reduce_cl_kernel<T, 1, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  if (vec == V) {
+    return reduce_with<reduce_cf_kernel<T, V, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  return reduce_with<reduce_cf_kernel<T, 1, K>, K>(s, vec, a, workspace,
+                                                   stream);
+}
+
+// An elementwise pass by Kernel (one launch): one wave of blocks, or fewer
+// when the tensor has less work (grid-stride loops cover the rest).
+template <auto Kernel, bool kGrad>
+Status apply_with(const Shape& s, int vec, ApplyArgs a, cudaStream_t stream) {
+  const int64_t wave = resident_blocks<Kernel>();
+  if (wave == 0) return no_occupancy(kGrad ? "backward dx" : "normalize");
+  dim3 grid;
+  if (s.inner == 1) {
+    const int64_t vectors = ceil_div(s.channels, vec);
+    a.tx = cl_tx(vectors);
+    const int64_t gx = ceil_div(vectors, a.tx);
+    const int64_t gy = std::max<int64_t>(
+        1, std::min({ceil_div(s.outer, kThreads / a.tx), ceil_div(wave, gx),
+                     kMaxGridY}));
+    grid = dim3{unsigned(gx), unsigned(gy)};
+  } else {
+    a.chunks = chunks_of(s.inner);
+    grid = dim3{unsigned(std::max<int64_t>(
+        1, std::min(ceil_div(s.outer * s.channels * a.chunks, kWarps), wave)))};
+  }
+  launch<Kernel>(grid, kThreads, 0, stream, a);
+  return check_launch(kGrad ? "backward dx" : "normalize");
+}
+
+// Elementwise stage: picks the kernel for the layout and vector width.
 template <typename T, bool kGrad>
 Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   constexpr int V = kVecBytes / sizeof(T);
@@ -864,33 +968,16 @@ Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   a.outer = s.outer;
   a.C = s.channels;
   a.inner = s.inner;
-  if (s.inner == 1) {
-    const int64_t vectors = ceil_div(s.channels, vec);
-    a.tx = cl_tx(vectors);
-    const int64_t gx = ceil_div(vectors, a.tx);
-    const int64_t gy = std::max<int64_t>(
-        1, std::min({ceil_div(s.outer, kThreads / a.tx),
-                     ceil_div(kApplyBlocks, gx), kMaxGridY}));
-    const dim3 grid{unsigned(gx), unsigned(gy)};
-    if (vec == V) {
-      launch<apply_cl_kernel<T, V, kGrad>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<apply_cl_kernel<T, 1, kGrad>>(grid, kThreads, 0, stream, a);
-    }
-  } else {
-    a.chunks = chunks_of(s.inner);
-    const int64_t blocks = std::max<int64_t>(
-        1, std::min(ceil_div(s.outer * s.channels * a.chunks, kWarps),
-                    kApplyBlocks * 4));
-    if (vec == V) {
-      launch<apply_cf_kernel<T, V, kGrad>>(unsigned(blocks), kThreads, 0,
-                                           stream, a);
-    } else {
-      launch<apply_cf_kernel<T, 1, kGrad>>(unsigned(blocks), kThreads, 0,
-                                           stream, a);
-    }
+  if (s.inner == 1 && vec == V) {
+    return apply_with<apply_cl_kernel<T, V, kGrad>, kGrad>(s, vec, a, stream);
   }
-  return check_launch(kGrad ? "backward dx" : "normalize");
+  if (s.inner == 1) {
+    return apply_with<apply_cl_kernel<T, 1, kGrad>, kGrad>(s, vec, a, stream);
+  }
+  if (vec == V) {
+    return apply_with<apply_cf_kernel<T, V, kGrad>, kGrad>(s, vec, a, stream);
+  }
+  return apply_with<apply_cf_kernel<T, 1, kGrad>, kGrad>(s, vec, a, stream);
 }
 
 }  // namespace
