@@ -107,9 +107,19 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// M raw 16-byte vectors (x, dy, ...) of one loop iteration, loaded ahead
+// of their use (see strided()).
+template <typename T, int N, int M>
+struct Packs {
+  Pack<T, N> v[M];
+};
+
 template <int N, typename T>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+template <int N, typename T>
+__device__ __forceinline__ void unpack(const Pack<T, N>& pk, float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
 }
@@ -121,12 +131,41 @@ __device__ __forceinline__ void store(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// Runs scalar(i) and vec(i) (VEC values from i on) over [0, n) of a row that
-// starts at p: a scalar head up to the first 16-byte boundary, aligned
-// vectors, a scalar tail. Lane `lane` of `width` takes every width-th item.
-template <int VEC, typename T, typename FS, typename FV>
+// Loads in flight per thread in the vector loops: strided() issues the
+// loads of kInFlight iterations back to back (no bounds check between
+// them), then uses them in order, so a thread waits on one memory latency
+// per kInFlight 16-byte vectors of each stream, not per vector (before: a
+// bounds branch before every load kept one in flight, two in the
+// backward). Expected on a GPU: closer to peak bandwidth at the occupancy
+// the register use leaves; not measurable here (no GPU).
+constexpr int kInFlight = 4;
+
+// use(i, load(i)) for i = begin, begin + step, ... < end, in that order: an
+// unguarded main body of kInFlight iterations at a time, then a guarded
+// tail. load(i) returns raw vectors; use(i, v) converts, computes, stores.
+template <typename FL, typename FU>
+__device__ __forceinline__ void strided(int64_t begin, int64_t end,
+                                        int64_t step, FL&& load, FU&& use) {
+  using L = decltype(load(begin));
+  int64_t i = begin;
+  for (; i + (kInFlight - 1) * step < end; i += kInFlight * step) {
+    L v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = load(i + u * step);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) use(i + u * step, v[u]);
+  }
+  for (; i < end; i += step) use(i, load(i));
+}
+
+// Over [0, n) of a row that starts at p: scalar(i) on a scalar head up to
+// the first 16-byte boundary and on a scalar tail, use(i, load(i)) on the
+// aligned vectors between (VEC values from i on; see strided()). Lane
+// `lane` of `width` takes every width-th item.
+template <int VEC, typename T, typename FS, typename FL, typename FU>
 __device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
-                                        int width, FS&& scalar, FV&& vec) {
+                                        int width, FS&& scalar, FL&& load,
+                                        FU&& use) {
   if (VEC == 1) {
     for (int64_t i = lane; i < n; i += width) scalar(i);
     return;
@@ -136,8 +175,9 @@ __device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
       min(n, int64_t((kVecBytes - mis) % kVecBytes) / int64_t(sizeof(T)));
   const int64_t body = (n - head) / VEC;
   if (lane < head) scalar(lane);
-#pragma unroll 2
-  for (int64_t j = lane; j < body; j += width) vec(head + j * VEC);
+  strided(
+      lane, body, width, [&](int64_t j) { return load(head + j * VEC); },
+      [&](int64_t j, const auto& v) { use(head + j * VEC, v); });
   for (int64_t i = head + body * VEC + lane; i < n; i += width) scalar(i);
 }
 
@@ -301,36 +341,48 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) mc[v] = a.f.grad_mean[c0 + v];
     }
-#pragma unroll 4
-    for (int64_t r = r0 + ty; r < r1; r += TY) {
-      float xv[VEC];
-      load<VEC>(x + r * C + c0, xv);
-      if (K == Kind::kGrad) {
-        float dv[VEC];
-        load<VEC>(dy + r * C + c0, dv);
-        if (ym) {
-          float yv[VEC];
-          load<VEC>(ym + r * C + c0, yv);
+    // x; kGrad: x, dy and y (when given).
+    constexpr int M = K == Kind::kGrad ? 3 : 1;
+    strided(
+        r0 + ty, r1, TY,
+        [&](int64_t r) {
+          Packs<T, VEC, M> p{};
+          p.v[0] = load_pack<VEC>(x + r * C + c0);
+          if (K == Kind::kGrad) {
+            p.v[M - 2] = load_pack<VEC>(dy + r * C + c0);
+            if (ym) p.v[M - 1] = load_pack<VEC>(ym + r * C + c0);
+          }
+          return p;
+        },
+        [&](int64_t r, const Packs<T, VEC, M>& p) {
+          float xv[VEC];
+          unpack(p.v[0], xv);
+          if (K == Kind::kGrad) {
+            float dv[VEC];
+            unpack(p.v[M - 2], dv);
+            if (ym) {
+              float yv[VEC];
+              unpack(p.v[M - 1], yv);
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
-        }
-        if (g) store<VEC>(g + r * C + c0, dv);
+              for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
+            }
+            if (g) store<VEC>(g + r * C + c0, dv);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          sa[v] += dv[v];
-          sb[v] += dv[v] * (xv[v] - mc[v]);
-        }
-      } else {
-        n += 1.f;
-        const float inv = 1.f / n;
+            for (int v = 0; v < VEC; ++v) {
+              sa[v] += dv[v];
+              sb[v] += dv[v] * (xv[v] - mc[v]);
+            }
+          } else {
+            n += 1.f;
+            const float inv = 1.f / n;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const float d = xv[v] - sa[v];
-          sa[v] += d * inv;
-          sb[v] += d * (xv[v] - sa[v]);
-        }
-      }
-    }
+            for (int v = 0; v < VEC; ++v) {
+              const float d = xv[v] - sa[v];
+              sa[v] += d * inv;
+              sb[v] += d * (xv[v] - sa[v]);
+            }
+          }
+        });
   }
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
@@ -415,12 +467,19 @@ __global__ void __launch_bounds__(kThreads)
             w.m2 += d * (to_float(xr[i]) - mc);
           },
           [&](int64_t i) {
+            Packs<T, VEC, 3> p{};
+            p.v[0] = load_pack<VEC>(xr + i);
+            p.v[1] = load_pack<VEC>(dr + i);
+            if (yr) p.v[2] = load_pack<VEC>(yr + i);
+            return p;
+          },
+          [&](int64_t i, const Packs<T, VEC, 3>& p) {
             float xv[VEC], dv[VEC];
-            load<VEC>(xr + i, xv);
-            load<VEC>(dr + i, dv);
+            unpack(p.v[0], xv);
+            unpack(p.v[1], dv);
             if (yr) {
               float yv[VEC];
-              load<VEC>(yr + i, yv);
+              unpack(p.v[2], yv);
 #pragma unroll
               for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
             }
@@ -437,9 +496,10 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       for_row<VEC>(
           xr, len, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
-          [&](int64_t i) {
+          [&](int64_t i) { return load_pack<VEC>(xr + i); },
+          [&](int64_t, const Pack<T, VEC>& p) {
             float xv[VEC];
-            load<VEC>(xr + i, xv);
+            unpack(p, xv);
             push_pack(w, xv);
           });
       w = warp_merge<false>(w);
@@ -594,20 +654,27 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
   const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
   const int64_t step = int64_t(gridDim.y) * TY;
-#pragma unroll 4
-  for (int64_t r = int64_t(blockIdx.y) * TY + ty; r < a.outer; r += step) {
-    const int64_t off = r * C + c0;
-    float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
-    load<VEC>(x + off, xv);
-    if (kGrad) load<VEC>(dy + off, dv);
-    if (!kGrad && side) load<VEC>(side + off, sv);
+  // x, then dy (backward) or the side input (when given).
+  strided(
+      int64_t(blockIdx.y) * TY + ty, a.outer, step,
+      [&](int64_t r) {
+        Packs<T, VEC, 2> p{};
+        p.v[0] = load_pack<VEC>(x + r * C + c0);
+        if (kGrad) p.v[1] = load_pack<VEC>(dy + r * C + c0);
+        if (!kGrad && side) p.v[1] = load_pack<VEC>(side + r * C + c0);
+        return p;
+      },
+      [&](int64_t r, const Packs<T, VEC, 2>& p) {
+        float xv[VEC], dv[VEC], ov[VEC];
+        unpack(p.v[0], xv);
+        if (kGrad || side) unpack(p.v[1], dv);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
-      if (!kGrad) ov[v] = epilogue(ov[v], side ? sv[v] : 0.f, a.relu);
-    }
-    store<VEC>(out + off, ov);
-  }
+        for (int v = 0; v < VEC; ++v) {
+          ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
+          if (!kGrad) ov[v] = epilogue(ov[v], side ? dv[v] : 0.f, a.relu);
+        }
+        store<VEC>(out + r * C + c0, ov);
+      });
 }
 
 // Channels-first [N, C, S] elementwise pass over the work items of
@@ -658,14 +725,20 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
           orow[i] = from_float<T>(o);
         },
         [&](int64_t i) {
-          float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
-          load<VEC>(xr + i, xv);
-          if (kGrad) load<VEC>(dr + i, dv);
-          if (sr) load<VEC>(sr + i, sv);
+          Packs<T, VEC, 2> p{};
+          p.v[0] = load_pack<VEC>(xr + i);
+          if (kGrad) p.v[1] = load_pack<VEC>(dr + i);
+          if (sr) p.v[1] = load_pack<VEC>(sr + i);
+          return p;
+        },
+        [&](int64_t i, const Packs<T, VEC, 2>& p) {
+          float xv[VEC], dv[VEC], ov[VEC];
+          unpack(p.v[0], xv);
+          if (kGrad || sr) unpack(p.v[1], dv);
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             ov[v] = apply1<kGrad>(k, xv[v], kGrad ? dv[v] : 0.f);
-            if (!kGrad) ov[v] = epilogue(ov[v], sr ? sv[v] : 0.f, a.relu);
+            if (!kGrad) ov[v] = epilogue(ov[v], sr ? dv[v] : 0.f, a.relu);
           }
           store<VEC>(orow + i, ov);
         });
