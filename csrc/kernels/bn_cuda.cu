@@ -5,9 +5,10 @@
 //             of the reduced axes, merged over the block in a fixed tree
 //             order. With one block-row (gy == 1, small tensors) the block
 //             finalises its channels itself; otherwise it writes partials
-//             [gy, C] to the workspace and finalize_kernel merges them per
-//             channel in block order (Chan, in double). No atomics anywhere:
-//             results are bitwise identical run to run.
+//             [gy, C] to the workspace, and the last block of each block
+//             column (a counter per column) merges them per channel in
+//             block order (Chan, in double), in the same launch. No float
+//             atomics: results are bitwise identical run to run.
 //   apply:    y = (x - mean) * (scale * inv_std) + offset, or the dx formula.
 // The epilogue: the normalize apply adds a side input and applies relu in
 // float before its one rounding; the backward's reduction masks dy by the
@@ -311,8 +312,67 @@ struct ReduceArgs {
   int64_t items = 0;   // channels-first: work items per channel
   float* part_a = nullptr;  // [gy, C] partial mean / sum dy
   float* part_b = nullptr;  // [gy, C] partial M2 / sum dy*(x-mean)
+  unsigned* done = nullptr;  // [gx] block-rows done per block column, from 0
   Final f;
 };
+
+// Channel c's partials of all gridDim.y block-rows, merged by one warp and
+// finalised: lane l merges block-rows b = l, l + 32, ... in order, then the
+// lanes merge in a fixed shuffle tree (Chan for moments, plain sums for the
+// backward, in double); lane 0 finalises. The order does not depend on
+// which block came last: results are bitwise the same run to run. Block-row
+// b covers min(per, outer - b * per) rows (channels-last) or the values of
+// work items [b * per, (b + 1) * per) (channels-first). The partials were
+// written by other blocks: volatile reads, past this SM's L1.
+template <Kind K>
+__device__ void merge_partials(const ReduceArgs& a, int64_t c, int lane) {
+  const int64_t gy = gridDim.y;
+  const volatile float* pa = a.part_a;
+  const volatile float* pb = a.part_b;
+  math::Moments<double> w{0.0, 0.0, 0.0};
+  for (int64_t b = lane; b < gy; b += 32) {
+    const double bm = pa[b * a.C + c], bq = pb[b * a.C + c];
+    if (K == Kind::kGrad) {
+      w.mean += bm;
+      w.m2 += bq;
+    } else {
+      const double nb = double(
+          a.inner == 1 ? min(a.per, a.outer - b * a.per)
+                       : values_before(min(a.items, (b + 1) * a.per), a.chunks,
+                                       a.inner) -
+                             values_before(b * a.per, a.chunks, a.inner));
+      w = math::chan_merge(w, {nb, bm, bq});
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const math::Moments<double> o{__shfl_down_sync(0xffffffffu, w.n, off),
+                                  __shfl_down_sync(0xffffffffu, w.mean, off),
+                                  __shfl_down_sync(0xffffffffu, w.m2, off)};
+    if (K == Kind::kGrad) {
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = math::chan_merge(w, o);
+    }
+  }
+  if (lane == 0) finalize<K>(a.f, c, w.mean, w.m2);
+}
+
+// Called by every thread of a block after it wrote its partials: true in
+// the last block of its column (blockIdx.x) to get here, which then sees
+// every partial of the column (threadfence + counter, as in CUDA's
+// threadFenceReduction sample). Replaces a finalize launch.
+__device__ bool last_block_of_column(const ReduceArgs& a) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(a.done + blockIdx.x, 1u) == gridDim.y - 1;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
 
 // Channels-last [M, C] reduction. Thread (tx, ty) = (tid % TX, tid / TX)
 // owns channels [VEC * (blockIdx.x * TX + tx), +VEC) and rows
@@ -413,15 +473,27 @@ __global__ void __launch_bounds__(kThreads)
       sh_n[tid] = n;
     }
   }
-  if (ty != 0 || !active) return;
+  const bool owner = ty == 0 && active;
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (owner) finalize<K>(a.f, c0 + v, sa[v], sb[v]);
+    }
+    return;
+  }
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    if (gridDim.y == 1) {
-      finalize<K>(a.f, c0 + v, sa[v], sb[v]);
-    } else {
+    if (owner) {
       a.part_a[blockIdx.y * C + c0 + v] = sa[v];
       a.part_b[blockIdx.y * C + c0 + v] = sb[v];
     }
+  }
+  if (!last_block_of_column(a)) return;
+  // The last block merges its column's channels, a warp per channel.
+  const int64_t base = int64_t(blockIdx.x) * TX * VEC;
+  const int64_t width = min(int64_t(TX) * VEC, C - base);
+  for (int64_t j = tid / 32; j < width; j += kWarps) {
+    merge_partials<K>(a, base + j, tid % 32);
   }
 }
 
@@ -508,62 +580,24 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (lane == 0) sh[warp] = acc;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int i = 1; i < kWarps; ++i) {
-    if (K == Kind::kGrad) {
-      acc.mean += sh[i].mean;
-      acc.m2 += sh[i].m2;
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kWarps; ++i) {
+      if (K == Kind::kGrad) {
+        acc.mean += sh[i].mean;
+        acc.m2 += sh[i].m2;
+      } else {
+        acc = math::chan_merge(acc, sh[i]);
+      }
+    }
+    if (gridDim.y == 1) {
+      finalize<K>(a.f, c, acc.mean, acc.m2);
     } else {
-      acc = math::chan_merge(acc, sh[i]);
+      a.part_a[blockIdx.y * C + c] = float(acc.mean);
+      a.part_b[blockIdx.y * C + c] = float(acc.m2);
     }
   }
-  if (gridDim.y == 1) {
-    finalize<K>(a.f, c, acc.mean, acc.m2);
-  } else {
-    a.part_a[blockIdx.y * C + c] = float(acc.mean);
-    a.part_b[blockIdx.y * C + c] = float(acc.m2);
-  }
-}
-
-// One warp per channel c: lane l merges the partials of block-rows
-// b = l, l + 32, ... in order, then the lanes merge in a fixed shuffle tree
-// (Chan for moments, plain sums for the backward, in double); lane 0
-// finalises. Block-row b covers min(per, outer - b * per) rows
-// (channels-last) or the values of work items [b * per, (b + 1) * per)
-// (channels-first).
-template <Kind K>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const ReduceArgs a, int64_t gy) {
-  const int lane = threadIdx.x % 32;
-  const int64_t c = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (c >= a.C) return;  // warp-uniform
-  math::Moments<double> w{0.0, 0.0, 0.0};
-  for (int64_t b = lane; b < gy; b += 32) {
-    const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
-    if (K == Kind::kGrad) {
-      w.mean += bm;
-      w.m2 += bq;
-    } else {
-      const double nb = double(
-          a.inner == 1 ? min(a.per, a.outer - b * a.per)
-                       : values_before(min(a.items, (b + 1) * a.per), a.chunks,
-                                       a.inner) -
-                             values_before(b * a.per, a.chunks, a.inner));
-      w = math::chan_merge(w, {nb, bm, bq});
-    }
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    const math::Moments<double> o{__shfl_down_sync(0xffffffffu, w.n, off),
-                                  __shfl_down_sync(0xffffffffu, w.mean, off),
-                                  __shfl_down_sync(0xffffffffu, w.m2, off)};
-    if (K == Kind::kGrad) {
-      w.mean += o.mean;
-      w.m2 += o.m2;
-    } else {
-      w = math::chan_merge(w, o);
-    }
-  }
-  if (lane == 0) finalize<K>(a.f, c, w.mean, w.m2);
+  if (gridDim.y == 1 || !last_block_of_column(a)) return;
+  if (warp == 0) merge_partials<K>(a, c, lane);
 }
 
 // ---------------------------------------------------------------- apply
@@ -887,13 +921,21 @@ Status no_occupancy(const char* what) {
                        what + ": the CUDA runtime gives no device occupancy");
 }
 
-// Bytes of the [gy, C] x 2 partials for any reduction kernel and vector
-// width (their targets are at most max_resident_blocks()).
+size_t partials_bytes(int64_t gy, int64_t channels) {
+  return align256(2 * gy * channels * sizeof(float));
+}
+
+// Bytes of the [gy, C] x 2 partials and the [gx] column counters for any
+// reduction kernel and vector width (their targets are at most
+// max_resident_blocks()).
 size_t partial_bytes(const Shape& s, DType t) {
   const int64_t target = max_resident_blocks();
-  const int64_t gy = std::max(reduce_geo(s, vec_width(t), target).gy,
-                              reduce_geo(s, 1, target).gy);
-  return gy > 1 ? align256(2 * gy * s.channels * sizeof(float)) : 0;
+  const ReduceGeo v = reduce_geo(s, vec_width(t), target);
+  const ReduceGeo one = reduce_geo(s, 1, target);
+  const int64_t gy = std::max(v.gy, one.gy), gx = std::max(v.gx, one.gx);
+  return gy > 1 ? partials_bytes(gy, s.channels) +
+                      align256(gx * sizeof(unsigned))
+                : 0;
 }
 
 bool aligned16(const void* p) {
@@ -958,7 +1000,7 @@ Status check_shape(const Shape& s) {
 }
 
 // A reduction by Kernel with the given vector width; finalises into a.f
-// (one or two launches).
+// (one launch, after a memset of the column counters when gy > 1).
 template <auto Kernel, Kind K>
 Status reduce_with(const Shape& s, int vec, ReduceArgs a, void* workspace,
                    cudaStream_t stream) {
@@ -978,13 +1020,15 @@ Status reduce_with(const Shape& s, int vec, ReduceArgs a, void* workspace,
     if (!workspace) return Status::Error("fused_bn: workspace is required");
     a.part_a = static_cast<float*>(workspace);
     a.part_b = a.part_a + g.gy * s.channels;
+    a.done = reinterpret_cast<unsigned*>(
+        static_cast<char*>(workspace) + partials_bytes(g.gy, s.channels));
+    if (cudaMemsetAsync(a.done, 0, g.gx * sizeof(unsigned), stream) !=
+        cudaSuccess) {
+      return check_launch("reduce (counters)");
+    }
   }
   launch<Kernel>(dim3{unsigned(g.gx), unsigned(g.gy)}, kThreads, 0, stream, a);
-  Status st = check_launch("reduce");
-  if (!st.ok() || g.gy == 1) return st;
-  launch<finalize_kernel<K>>(unsigned(ceil_div(s.channels, kWarps)), kThreads,
-                             0, stream, a, g.gy);
-  return check_launch("finalize");
+  return check_launch("reduce");
 }
 
 // Reduction stage of kind K: picks the kernel for the layout and vector width.
