@@ -6,7 +6,16 @@ The path used where the custom op cannot run (XLA: a `tf.function` with
 two-pass variance accumulated in float32 for half inputs, the epilogue
 (side input, relu) in float32 before one rounding, and the moving
 statistics and counter updated with assigns.
+
+It also mirrors `csrc/kernels/bn_math.h`, the per-channel math of the CPU
+and CUDA kernels: the functions below `ema_momentum` carry that header's
+names, arguments and formula order, computed in float64 as the header's
+are (`chan_merge` in its inputs' dtype, the header's accumulation type), so
+that this path updates the moving statistics and normalizes as the kernels
+do. Change one, change the other.
 """
+import collections
+
 import tensorflow as tf
 
 from . import _distribute
@@ -14,7 +23,10 @@ from .ops import (_broadcast_stat, _check_activation, _check_epsilon,
                   _check_momentum, _check_moving_args, _check_side_input,
                   _check_training, _check_x, _data_format, _stat_dtype)
 
-__all__ = ["batch_norm", "check_mask", "in_xla_context", "masked_moments"]
+__all__ = ["batch_norm", "check_mask", "in_xla_context", "masked_moments",
+           "ema_momentum", "bessel_factor", "ema", "batch_variance", "Moments",
+           "chan_merge", "pooled_m2_term", "inv_std", "sum_dy_xhat",
+           "grad_coefs", "bf16_round_bits", "bf16_bits"]
 
 
 def in_xla_context():
@@ -77,7 +89,8 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
                 mean = tf.reduce_mean(xu, axes)
                 variance = tf.reduce_mean(
                     tf.square(xu - per_channel(mean)), axes)
-                count = tf.cast(tf.size(xu), u) / tf.cast(tf.size(mean), u)
+                count = (tf.size(xu, out_type=tf.int64)
+                         // tf.maximum(tf.size(mean, out_type=tf.int64), 1))
                 if moving_mean is not None:
                     _update(mean, variance, count)
                 return mean, variance
@@ -89,18 +102,17 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
             return mean, variance
 
         def _update(mean, variance, count):
-            m = tf.constant(momentum, u)
-            if num_updates is not None:
-                t = tf.cast(tf.convert_to_tensor(num_updates), u)
-                m = tf.minimum(m, t / (t + 1))
-            batch_var = variance
-            if unbiased_variance:
-                batch_var = variance * count / (count - 1)
-            new_mean = _read(moving_mean, u) * m + tf.stop_gradient(mean) * (1 - m)
-            new_var = (_read(moving_variance, u) * m
-                       + tf.stop_gradient(batch_var) * (1 - m))
-            moving_mean.assign(new_mean)
-            moving_variance.assign(new_var)
+            if moving_mean.shape.rank == 1 and moving_mean.shape[0] == 0:
+                return  # no channels: nothing changes, the counter included
+            t = None if num_updates is None else tf.convert_to_tensor(num_updates)
+            # momentum and epsilon as the op's float32 attributes hold them.
+            m = ema_momentum(tf.constant(momentum, tf.float32), num_updates is not None, t)
+            bessel = bessel_factor(unbiased_variance, count)
+            batch_var = batch_variance(tf.stop_gradient(variance), bessel)
+            moving_mean.assign(tf.cast(
+                ema(_read(moving_mean, u), tf.stop_gradient(mean), m), u))
+            moving_variance.assign(tf.cast(
+                ema(_read(moving_variance, u), batch_var, m), u))
             if num_updates is not None:
                 num_updates.assign_add(tf.constant(1, tf.int64))
 
@@ -114,10 +126,11 @@ def batch_norm(x, training, scale=None, offset=None, moving_mean=None,
             mean, variance = moving_stats()
         else:
             mean, variance = tf.cond(training_t, batch_stats, moving_stats)
-        inv_std = tf.math.rsqrt(variance + tf.constant(epsilon, u))
+        # The kernels' factor: scale * inv_std in float64, rounded once.
+        factor = inv_std(variance, tf.constant(epsilon, tf.float32))
         if scale is not None:
-            inv_std = inv_std * _read(scale, u)
-        y = (xu - per_channel(mean)) * per_channel(inv_std)
+            factor = tf.cast(_read(scale, u), tf.float64) * factor
+        y = (xu - per_channel(mean)) * per_channel(tf.cast(factor, u))
         if offset is not None:
             y = y + per_channel(_read(offset, u))
         if side:  # the epilogue, in u like the op's, rounded once
@@ -199,3 +212,118 @@ def masked_moments(x, mask, axis=-1):
     centered = tf.where(keep, xu - _broadcast_stat(mean, x, data_format), zero)
     variance = tf.reduce_sum(tf.square(centered), axes) / n
     return mean, variance, count
+
+
+# ---------------------------------------------------------------- bn_math.h
+# The mirror of csrc/kernels/bn_math.h (see the module docstring): same
+# names, same formula order, float64 (IEEE double, as the header's).
+
+def _f64(v):
+    if isinstance(v, (int, float)):  # exact: not through a float32 constant
+        return tf.constant(v, tf.float64)
+    return tf.cast(v, tf.float64)
+
+
+def ema_momentum(momentum, warmup, t):
+    """The momentum of moving-average update number t (the counter's value
+    before it): momentum, or with warm-up (Python bool) min(momentum,
+    t / (t + 1)), so that the first updates average all batches so far."""
+    momentum = _f64(momentum)
+    if not warmup:
+        return momentum
+    td = _f64(t)
+    w = td / (td + 1.0)
+    return tf.where(w < momentum, w, momentum)
+
+
+def bessel_factor(unbiased, count):
+    """count / (count - 1) (unbiased, a Python bool, and count > 1), else 1;
+    count may be a [C] vector."""
+    c = _f64(count)
+    if not unbiased:
+        return tf.ones_like(c)
+    return tf.where(c > 1.0, c / (c - 1.0), tf.ones_like(c))
+
+
+def ema(moving, batch, m):
+    """One moving-average step: moving * m + batch * (1 - m)."""
+    m = _f64(m)
+    return _f64(moving) * m + _f64(batch) * (1.0 - m)
+
+
+def batch_variance(var, bessel):
+    """The moving variance's batch term: the biased variance times the
+    Bessel factor."""
+    return _f64(var) * _f64(bessel)
+
+
+Moments = collections.namedtuple("Moments", ["n", "mean", "m2"])
+Moments.__doc__ = """Count, mean and M2 (sum of squared deviations from
+the mean) of a set of values, tensors of one dtype (the accumulation type)."""
+
+
+def chan_merge(a, b):
+    """Chan et al.'s merge of the Moments of two disjoint sets, in their
+    dtype; an empty set (n == 0) leaves the other unchanged. A single value
+    x is Moments(1, x, 0): merged into a it is Welford's update."""
+    n = a.n + b.n
+    fb = b.n / n
+    d = b.mean - a.mean
+    merged = Moments(n, a.mean + d * fb, a.m2 + b.m2 + d * d * (a.n * fb))
+    zero = tf.zeros_like(a.n)
+    return Moments(*(tf.where(b.n == zero, x, tf.where(a.n == zero, y, z))
+                     for x, y, z in zip(a, b, merged)))
+
+
+def pooled_m2_term(n, mean, m2, pooled_mean):
+    """One set's term of the M2 of k sets merged at once: their pooled mean
+    is sum(n_i * mean_i) / n, their M2 the sum of these terms."""
+    d = _f64(mean) - _f64(pooled_mean)
+    return _f64(m2) + _f64(n) * d * d
+
+
+def inv_std(var, epsilon):
+    """1 / sqrt(var + epsilon): the normalization's inverse standard
+    deviation."""
+    return 1.0 / tf.sqrt(_f64(var) + _f64(epsilon))
+
+
+def sum_dy_xhat(sum_dy_xmu, inv_std_):
+    """sum(dy * x_hat) from sum(dy * (x - mean)): x_hat = (x - mean) * inv_std."""
+    return _f64(sum_dy_xmu) * _f64(inv_std_)
+
+
+def grad_coefs(scale, inv_std_, sum_dy, sum_dy_xhat_, count, training):
+    """(k_dy, k_x, k_0) with dx = k_dy * dy + k_x * (x - mean) + k_0:
+    scale * inv_std * (dy - sum_dy / count - x_hat * sum_dy_xhat / count)
+    when training (a Python bool), scale * inv_std * dy when frozen."""
+    k_dy = _f64(scale) * _f64(inv_std_)
+    if not training:
+        zero = tf.zeros_like(k_dy)
+        return k_dy, zero, zero
+    count = _f64(count)
+    return (k_dy, -k_dy * _f64(inv_std_) * _f64(sum_dy_xhat_) / count,
+            -k_dy * _f64(sum_dy) / count)
+
+
+def bf16_round_bits(u):
+    """The bfloat16 nearest to the float32 with bits u (uint32; ties to
+    even) as its bits in the low 16 bits (uint32); a NaN stays NaN (quiet
+    bit set)."""
+    u = tf.cast(u, tf.uint32)
+
+    def c(v):
+        return tf.constant(v, tf.uint32)
+
+    rs = tf.bitwise.right_shift
+    rounded = rs(u + c(0x7FFF) + tf.bitwise.bitwise_and(rs(u, c(16)), c(1)), c(16))
+    quiet = tf.bitwise.bitwise_or(rs(u, c(16)), c(0x40))
+    return tf.where(tf.bitwise.bitwise_and(u, c(0x7FFFFFFF)) > c(0x7F800000),
+                    quiet, rounded)
+
+
+def bf16_bits(v):
+    """The bits (uint16) of the bfloat16 nearest to float32 v (ties to even,
+    NaN stays NaN)."""
+    u = tf.bitcast(tf.cast(v, tf.float32), tf.uint32)
+    return tf.cast(bf16_round_bits(u), tf.uint16)

@@ -330,6 +330,29 @@ def test_update_moving_stats_block():
     assert n.numpy() == 2
 
 
+@pytest.mark.parametrize("path", ["op", "xla"])
+@pytest.mark.parametrize("shape,axis", [((4, 0), -1), ((4, 0, 3), 1)], ids=str)
+def test_zero_channels_change_nothing(path, shape, axis):
+    """No channels: a training step leaves the warm-up counter as it was, in
+    the op and in the pure-TF path that the layer runs under XLA (bn.h: with
+    channels == 0 nothing changes, the counter included)."""
+    mm, mv, n = _vars(0, tf.float32)
+    n.assign(4)
+    fn = fused_bn.reference.batch_norm if path == "xla" else fused_bn.batch_norm
+
+    def step(x):
+        return fn(x, True, moving_mean=mm, moving_variance=mv, num_updates=n, axis=axis)
+
+    if path == "xla":
+        step = tf.function(step, jit_compile=True)
+    assert step(tf.ones(shape)).shape == shape
+    assert n.numpy() == 4
+    if path == "op":
+        fused_bn.update_moving_stats(mm, mv, tf.zeros([0]), tf.zeros([0]), 5,
+                                     num_updates=n)
+        assert n.numpy() == 4
+
+
 def test_read_value_is_not_changed_by_in_place_update():
     mm, mv, _ = _vars(2, tf.float32)
     held = mm.read_value()

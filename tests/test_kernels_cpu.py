@@ -52,6 +52,11 @@ def test_update_count_one_has_no_bessel(k):
     ku.check_update(k, ku.NumpyBuffers(), "float32", 3, 1, None, False)
 
 
+@pytest.mark.parametrize("inner", [1, 7])
+def test_zero_channels_keep_the_counter(k, inner):
+    ku.check_zero_channels_keep_the_counter(k, ku.NumpyBuffers(), inner)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])

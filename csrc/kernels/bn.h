@@ -10,7 +10,8 @@
 // void* and must point to U. Half types are accumulated in float32.
 //
 // Every reduction splits its work into blocks whose bounds depend only on the
-// shape, and merges block partials (Chan's parallel Welford) in a fixed
+// shape (CUDA: and on the device's SM count and occupancy, which size the
+// grids), and merges block partials (Chan's parallel Welford) in a fixed
 // order: results are bitwise identical run to run and for any thread count.
 // With channels == 0 every launcher does nothing (the counter included).
 #pragma once

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 
 #include "bn.h"
+#include "bn_math.h"
 
 #ifndef FUSED_BN_CPU_ISA
 #define FUSED_BN_CPU_ISA avx2
@@ -76,11 +77,7 @@ inline T store(typename AccOf<T>::type v) {
 // Round to nearest even; NaN stays NaN (quiet bit set).
 template <>
 inline bf16 store<bf16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+  return bf16{math::bf16_bits(v)};
 }
 
 // One 32-byte vector of accumulator type A (GCC/Clang vector extensions):
@@ -164,10 +161,7 @@ inline auto pack(VecOf<T> v) {
     using U32 = uint32_t __attribute__((vector_size(32)));
     U32 u;
     std::memcpy(&u, &v, sizeof(u));
-    const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const U32 quiet = (u >> 16) | 0x40u;
-    const U32 r = ((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded;
-    return __builtin_convertvector(r, U16);
+    return __builtin_convertvector(math::bf16_round_bits(u), U16);
   } else {
     return v;
   }
@@ -435,6 +429,14 @@ inline bool far_from_pilot(double dsum, double sq, double inv_n) {
   return dsum * dsum * inv_n > 0.875 * sq;
 }
 
+// M2 = sum(d * d) - sum(d)^2 / n, clamped at 0 against rounding; NaN stays
+// NaN (std::max would make it 0): a block holding an Inf gives Inf - Inf,
+// and its channel's statistics must come out NaN, as the stock op's do.
+inline double block_m2(double sq, double dsum, double inv_n) {
+  const double m2 = sq - dsum * dsum * inv_n;
+  return m2 < 0.0 ? 0.0 : m2;
+}
+
 // Per-block mean and M2 in one pass over memory. A pilot mean K, the mean of
 // the block's first kPilot rows (channels-last) or values, comes first;
 // the pass then sums d = x - K and d * d, and the block mean is
@@ -515,7 +517,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       }
     }
     for (int64_t c = 0; c < w; ++c) {
-      m2_out[c] = std::max(0.0, m2_out[c] - dsum_d[c] * dsum_d[c] * inv_n);
+      m2_out[c] = block_m2(m2_out[c], dsum_d[c], inv_n);
       mean_out[c] = double(mean[c]) + dsum_d[c] * inv_n;
     }
   } else {
@@ -548,7 +550,7 @@ void block_moments(const Shape& s, const Unit& u, const T* __restrict x,
       dsum_d = m2_d = 0.0;
     }
     pmean[u.block * s.channels + u.c0] = double(mean) + dsum_d * inv_n;
-    pm2[u.block * s.channels + u.c0] = std::max(0.0, m2_d - dsum_d * dsum_d * inv_n);
+    pm2[u.block * s.channels + u.c0] = block_m2(m2_d, dsum_d, inv_n);
   }
 }
 
@@ -561,27 +563,21 @@ void merge_moments(const Shape& s, const Blocks& g, const double* pmean,
   const int64_t tiles = (C + kMergeTile - 1) / kMergeTile;
   const ParallelFor& run = g.row_blocks * C < kSerialMerge ? Serial() : pf;
   run(tiles, g.row_blocks * kMergeTile * 16, [&](int64_t t0, int64_t t1) {
-    double m[kMergeTile], q[kMergeTile];
+    math::Moments<double> acc[kMergeTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kMergeTile, w = std::min(kMergeTile, C - c0);
-      for (int64_t c = 0; c < w; ++c) m[c] = q[c] = 0.0;
-      double n = 0.0;
+      for (int64_t c = 0; c < w; ++c) acc[c] = {0.0, 0.0, 0.0};
       for (int64_t b = 0; b < g.row_blocks; ++b) {
         const double nb = double(g.count(s, b));
-        const double n_new = n + nb;
-        const double fb = nb / n_new, fq = n * nb / n_new;
         const double* __restrict bm = pmean + b * C + c0;
         const double* __restrict bq = pm2 + b * C + c0;
         for (int64_t c = 0; c < w; ++c) {
-          const double d = double(bm[c]) - m[c];
-          m[c] += d * fb;
-          q[c] += double(bq[c]) + d * d * fq;
+          acc[c] = math::chan_merge(acc[c], {nb, bm[c], bq[c]});
         }
-        n = n_new;
       }
       for (int64_t c = 0; c < w; ++c) {
-        mean[c0 + c] = U(m[c]);
-        var[c0 + c] = U(q[c] / n);
+        mean[c0 + c] = U(acc[c].mean);
+        var[c0 + c] = U(acc[c].m2 / acc[c].n);
       }
     }
   });
@@ -691,29 +687,28 @@ template <typename U>
 void scale_factor(int64_t C, const U* var, const U* scale, double epsilon,
                   U* inv_std, U* a) {
   for (int64_t c = 0; c < C; ++c) {
-    const double r = 1.0 / std::sqrt(double(var[c]) + epsilon);
+    const double r = math::inv_std(double(var[c]), epsilon);
     if (inv_std) inv_std[c] = U(r);
     a[c] = U(scale ? double(scale[c]) * r : r);
   }
 }
 
+// With no channels nothing changes, the counter included (bn.h).
 template <typename U>
 void update_impl(const UpdateParams& p) {
-  double m = p.momentum;
-  if (p.num_updates) {
-    const double t = double(*p.num_updates);
-    m = std::min(m, t / (t + 1.0));
-    *p.num_updates += 1;
-  }
-  const double bessel =
-      p.unbiased_variance && p.count > 1 ? double(p.count) / (p.count - 1) : 1;
+  if (p.channels == 0) return;
+  const double m = math::ema_momentum(p.momentum, p.num_updates != nullptr,
+                                      p.num_updates ? *p.num_updates : 0);
+  if (p.num_updates) *p.num_updates += 1;
+  const double bessel = math::bessel_factor(p.unbiased_variance, p.count);
   const U* mean = static_cast<const U*>(p.mean);
   const U* var = static_cast<const U*>(p.var);
   U* mm = static_cast<U*>(p.moving_mean);
   U* mv = static_cast<U*>(p.moving_var);
   for (int64_t c = 0; c < p.channels; ++c) {
-    mm[c] = U(double(mm[c]) * m + double(mean[c]) * (1.0 - m));
-    mv[c] = U(double(mv[c]) * m + double(var[c]) * bessel * (1.0 - m));
+    mm[c] = U(math::ema(double(mm[c]), double(mean[c]), m));
+    mv[c] = U(math::ema(double(mv[c]),
+                        math::batch_variance(double(var[c]), bessel), m));
   }
 }
 
@@ -971,13 +966,15 @@ Status backward_impl(const BackwardParams& p, const ParallelFor& pf) {
   for (int64_t c = 0; c < C; ++c) {
     const double r = double(inv_std[c]);
     if (given_dy) sum_dy[c] = double(given_dy[c]);
-    const double ds = given_dy ? double(given_dyxh[c]) : sum_dyx[c] * r;
+    const double ds = given_dy ? double(given_dyxh[c])
+                               : math::sum_dy_xhat(sum_dyx[c], r);
     if (dscale) dscale[c] = U(ds);
     if (doffset) doffset[c] = U(sum_dy[c]);
-    const double kd = (scale ? double(scale[c]) : 1.0) * r;
-    k_dy[c] = A(kd);
-    k_x[c] = p.training ? A(-kd * r * ds / n) : A(0);
-    k_0[c] = p.training ? A(-kd * sum_dy[c] / n) : A(0);
+    const math::GradCoefs k = math::grad_coefs(
+        scale ? double(scale[c]) : 1.0, r, sum_dy[c], ds, n, p.training);
+    k_dy[c] = A(k.k_dy);
+    k_x[c] = A(k.k_x);
+    k_0[c] = A(k.k_0);
     m[c] = A(mean[c]);
   }
   if (!p.dx) return Status::Ok();

@@ -5,9 +5,10 @@
 //             of the reduced axes, merged over the block in a fixed tree
 //             order. With one block-row (gy == 1, small tensors) the block
 //             finalises its channels itself; otherwise it writes partials
-//             [gy, C] to the workspace and finalize_kernel merges them per
-//             channel in block order (Chan, in double). No atomics anywhere:
-//             results are bitwise identical run to run.
+//             [gy, C] to the workspace, and the last block of each block
+//             column (a counter per column) merges them per channel in
+//             block order (Chan, in double), in the same launch. No float
+//             atomics: results are bitwise identical run to run.
 //   apply:    y = (x - mean) * (scale * inv_std) + offset, or the dx formula.
 // The epilogue: the normalize apply adds a side input and applies relu in
 // float before its one rounding; the backward's reduction masks dy by the
@@ -21,16 +22,26 @@
 // C a multiple of the vector width and 16-byte aligned pointers; channels-
 // first: equal pointer misalignment, each row then has a scalar head, an
 // aligned vector body and a scalar tail); otherwise scalar.
+// Arithmetic is IEEE (CMakeLists.txt builds without --use_fast_math): the
+// Welford and Chan divisions are correctly rounded, float32 denormals are
+// kept, and the per-channel math (bn_math.h) is double, as on the CPU and
+// in the emulator, which can then check the numerics too (up to nvcc's
+// contraction of a * b + c into FMAs). Fast math would save a few
+// instructions per 16-byte vector (one float division in a pack's Welford
+// merge) in kernels bound by memory bandwidth, at the price of divisions
+// off by up to 2 ulp and of flushing inputs below 1.2e-38 to zero.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
 
 #include "bn_cuda.h"
+#include "bn_math.h"
 #include "cuda_launch.h"
 
 namespace fused_bn {
@@ -40,12 +51,33 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecBytes = 16;
-constexpr int64_t kTargetBlocks = 1024;       // reduction grid size, ~8/SM
-constexpr int64_t kApplyBlocks = 4096;        // elementwise grid size cap
 constexpr int64_t kSmallElems = int64_t(1) << 20;  // single block-row below
 constexpr int64_t kMinRowsPerThread = 4;      // channels-last reduce slab
 constexpr int64_t kMinSlabElems = 16384;      // channels-first reduce slab
 constexpr int64_t kMaxGridY = 65535;
+// Channels-first rows are cut into chunks of kChunk values (the last one
+// shorter), the work items of a warp: a long row is spread over many warps
+// and blocks, and a lane's float sums never span more than kChunk / 32
+// values. A multiple of 32 lanes x 16 bytes, so every chunk of a row has
+// the row's 16-byte misalignment.
+constexpr int64_t kChunk = 16384;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Chunks of a channels-first row of S values (one for an empty row).
+__host__ __device__ inline int64_t chunks_of(int64_t S) {
+  return S > kChunk ? ceil_div(S, kChunk) : 1;
+}
+
+// Values of one channel in its first i work items (chunks, row-major over
+// the outer axis, `chunks` per row of S values).
+__host__ __device__ inline int64_t values_before(int64_t i, int64_t chunks,
+                                                 int64_t S) {
+  const int64_t k = (i % chunks) * kChunk;
+  return (i / chunks) * S + (k < S ? k : S);
+}
 
 enum class Kind { kMoments, kForward, kGrad };
 
@@ -68,7 +100,7 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+  return __ushort_as_bfloat16(math::bf16_bits(v));
 }
 
 template <typename T, int N>
@@ -76,9 +108,19 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// M raw 16-byte vectors (x, dy, ...) of one loop iteration, loaded ahead
+// of their use (see strided()).
+template <typename T, int N, int M>
+struct Packs {
+  Pack<T, N> v[M];
+};
+
 template <int N, typename T>
-__device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+template <int N, typename T>
+__device__ __forceinline__ void unpack(const Pack<T, N>& pk, float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
 }
@@ -90,12 +132,41 @@ __device__ __forceinline__ void store(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// Runs scalar(i) and vec(i) (VEC values from i on) over [0, n) of a row that
-// starts at p: a scalar head up to the first 16-byte boundary, aligned
-// vectors, a scalar tail. Lane `lane` of `width` takes every width-th item.
-template <int VEC, typename T, typename FS, typename FV>
+// Loads in flight per thread in the vector loops: strided() issues the
+// loads of kInFlight iterations back to back (no bounds check between
+// them), then uses them in order, so a thread waits on one memory latency
+// per kInFlight 16-byte vectors of each stream, not per vector (before: a
+// bounds branch before every load kept one in flight, two in the
+// backward). Expected on a GPU: closer to peak bandwidth at the occupancy
+// the register use leaves; not measurable here (no GPU).
+constexpr int kInFlight = 4;
+
+// use(i, load(i)) for i = begin, begin + step, ... < end, in that order: an
+// unguarded main body of kInFlight iterations at a time, then a guarded
+// tail. load(i) returns raw vectors; use(i, v) converts, computes, stores.
+template <typename FL, typename FU>
+__device__ __forceinline__ void strided(int64_t begin, int64_t end,
+                                        int64_t step, FL&& load, FU&& use) {
+  using L = decltype(load(begin));
+  int64_t i = begin;
+  for (; i + (kInFlight - 1) * step < end; i += kInFlight * step) {
+    L v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = load(i + u * step);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) use(i + u * step, v[u]);
+  }
+  for (; i < end; i += step) use(i, load(i));
+}
+
+// Over [0, n) of a row that starts at p: scalar(i) on a scalar head up to
+// the first 16-byte boundary and on a scalar tail, use(i, load(i)) on the
+// aligned vectors between (VEC values from i on; see strided()). Lane
+// `lane` of `width` takes every width-th item.
+template <int VEC, typename T, typename FS, typename FL, typename FU>
 __device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
-                                        int width, FS&& scalar, FV&& vec) {
+                                        int width, FS&& scalar, FL&& load,
+                                        FU&& use) {
   if (VEC == 1) {
     for (int64_t i = lane; i < n; i += width) scalar(i);
     return;
@@ -105,27 +176,20 @@ __device__ __forceinline__ void for_row(const T* p, int64_t n, int lane,
       min(n, int64_t((kVecBytes - mis) % kVecBytes) / int64_t(sizeof(T)));
   const int64_t body = (n - head) / VEC;
   if (lane < head) scalar(lane);
-#pragma unroll 2
-  for (int64_t j = lane; j < body; j += width) vec(head + j * VEC);
+  strided(
+      lane, body, width, [&](int64_t j) { return load(head + j * VEC); },
+      [&](int64_t j, const auto& v) { use(head + j * VEC, v); });
   for (int64_t i = head + body * VEC + lane; i < n; i += width) scalar(i);
 }
 
 // ---------------------------------------------------------------- Welford
 
-struct Welford {
-  float n, mean, m2;
-};
-__device__ __forceinline__ void push(Welford& w, float x) {
-  w.n += 1.f;
-  const float d = x - w.mean;
-  w.mean += d / w.n;
-  w.m2 += d * (x - w.mean);
-}
+using Welford = math::Moments<float>;
 __device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
-  if (b.n == 0.f) return a;
-  if (a.n == 0.f) return b;
-  const float n = a.n + b.n, fb = b.n / n, d = b.mean - a.mean;
-  return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.n * fb};
+  return math::chan_merge(a, b);
+}
+__device__ __forceinline__ void push(Welford& w, float x) {
+  w = merge(w, Welford{1.f, x, 0.f});
 }
 template <int N>
 __device__ __forceinline__ void push_pack(Welford& w, const float (&x)[N]) {
@@ -137,6 +201,25 @@ __device__ __forceinline__ void push_pack(Welford& w, const float (&x)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) q += (x[i] - m) * (x[i] - m);
   w = merge(w, Welford{float(N), m, q});
+}
+
+// The warp's lanes' (n, mean, M2) merged in a fixed shuffle tree (Chan; plain
+// sums of mean and m2 for the backward's (unused, sum dy, sum dy*(x-mean))):
+// lane 0 gets the warp's.
+template <bool kSums>
+__device__ __forceinline__ Welford warp_merge(Welford w) {
+  for (int off = 16; off > 0; off /= 2) {
+    const Welford o{__shfl_down_sync(0xffffffffu, w.n, off),
+                    __shfl_down_sync(0xffffffffu, w.mean, off),
+                    __shfl_down_sync(0xffffffffu, w.m2, off)};
+    if (kSums) {
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = merge(w, o);
+    }
+  }
+  return w;
 }
 
 // ---------------------------------------------------------------- finalise
@@ -171,14 +254,15 @@ struct Final {
 // The backward's per-channel outputs from sum(dy) = sd and
 // sum(dy * x_hat) = ds over f.count values.
 __device__ void grad_coef(const Final& f, int64_t c, double sd, double ds) {
-  const double n = double(f.count);
-  const double r = f.grad_inv_std[c];
   if (f.dscale) f.dscale[c] = float(ds);
   if (f.doffset) f.doffset[c] = float(sd);
-  const double kd = (f.scale ? double(f.scale[c]) : 1.0) * r;
-  f.coef[c] = float(kd);
-  f.coef[f.C + c] = f.training ? float(-kd * r * ds / n) : 0.f;
-  f.coef[2 * f.C + c] = f.training ? float(-kd * sd / n) : 0.f;
+  const math::GradCoefs k =
+      math::grad_coefs(f.scale ? double(f.scale[c]) : 1.0,
+                       double(f.grad_inv_std[c]), sd, ds, double(f.count),
+                       f.training);
+  f.coef[c] = float(k.k_dy);
+  f.coef[f.C + c] = float(k.k_x);
+  f.coef[2 * f.C + c] = float(k.k_0);
 }
 
 template <Kind K>
@@ -190,20 +274,17 @@ __device__ void finalize(const Final& f, int64_t c, double a, double b) {
   } else if (K == Kind::kForward) {
     const double var = b / n;
     f.saved_mean[c] = float(a);
-    f.saved_inv_std[c] = float(1.0 / sqrt(var + f.epsilon));
+    f.saved_inv_std[c] = float(math::inv_std(var, f.epsilon));
     if (f.moving_mean) {
-      double m = f.momentum;
-      if (f.num_updates) {
-        const double t = double(*f.num_updates);
-        m = fmin(m, t / (t + 1.0));
-      }
-      const double bessel = f.unbiased && f.count > 1 ? n / (n - 1.0) : 1.0;
-      f.moving_mean[c] = float(double(f.moving_mean[c]) * m + a * (1.0 - m));
-      f.moving_var[c] =
-          float(double(f.moving_var[c]) * m + var * bessel * (1.0 - m));
+      const double m = math::ema_momentum(f.momentum, f.num_updates != nullptr,
+                                          f.num_updates ? *f.num_updates : 0);
+      const double bessel = math::bessel_factor(f.unbiased, f.count);
+      f.moving_mean[c] = float(math::ema(f.moving_mean[c], a, m));
+      f.moving_var[c] = float(
+          math::ema(f.moving_var[c], math::batch_variance(var, bessel), m));
     }
   } else {
-    grad_coef(f, c, a, b * double(f.grad_inv_std[c]));
+    grad_coef(f, c, a, math::sum_dy_xhat(b, double(f.grad_inv_std[c])));
   }
 }
 
@@ -225,12 +306,73 @@ struct ReduceArgs {
   void* g = nullptr;        // kGrad: the (masked) dy is written here
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;        // channels-last: threads across channel vectors
-  int64_t per = 0;   // rows (channels-last) or samples (channels-first) per
-                     // block-row
+  int64_t per = 0;   // rows (channels-last) or work items (channels-first)
+                     // per block-row
+  int64_t chunks = 1;  // channels-first: chunks per row (kChunk values each)
+  int64_t items = 0;   // channels-first: work items per channel
   float* part_a = nullptr;  // [gy, C] partial mean / sum dy
   float* part_b = nullptr;  // [gy, C] partial M2 / sum dy*(x-mean)
+  unsigned* done = nullptr;  // [gx] block-rows done per block column, from 0
   Final f;
 };
+
+// Channel c's partials of all gridDim.y block-rows, merged by one warp and
+// finalised: lane l merges block-rows b = l, l + 32, ... in order, then the
+// lanes merge in a fixed shuffle tree (Chan for moments, plain sums for the
+// backward, in double); lane 0 finalises. The order does not depend on
+// which block came last: results are bitwise the same run to run. Block-row
+// b covers min(per, outer - b * per) rows (channels-last) or the values of
+// work items [b * per, (b + 1) * per) (channels-first). The partials were
+// written by other blocks: volatile reads, past this SM's L1.
+template <Kind K>
+__device__ void merge_partials(const ReduceArgs& a, int64_t c, int lane) {
+  const int64_t gy = gridDim.y;
+  const volatile float* pa = a.part_a;
+  const volatile float* pb = a.part_b;
+  math::Moments<double> w{0.0, 0.0, 0.0};
+  for (int64_t b = lane; b < gy; b += 32) {
+    const double bm = pa[b * a.C + c], bq = pb[b * a.C + c];
+    if (K == Kind::kGrad) {
+      w.mean += bm;
+      w.m2 += bq;
+    } else {
+      const double nb = double(
+          a.inner == 1 ? min(a.per, a.outer - b * a.per)
+                       : values_before(min(a.items, (b + 1) * a.per), a.chunks,
+                                       a.inner) -
+                             values_before(b * a.per, a.chunks, a.inner));
+      w = math::chan_merge(w, {nb, bm, bq});
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const math::Moments<double> o{__shfl_down_sync(0xffffffffu, w.n, off),
+                                  __shfl_down_sync(0xffffffffu, w.mean, off),
+                                  __shfl_down_sync(0xffffffffu, w.m2, off)};
+    if (K == Kind::kGrad) {
+      w.mean += o.mean;
+      w.m2 += o.m2;
+    } else {
+      w = math::chan_merge(w, o);
+    }
+  }
+  if (lane == 0) finalize<K>(a.f, c, w.mean, w.m2);
+}
+
+// Called by every thread of a block after it wrote its partials: true in
+// the last block of its column (blockIdx.x) to get here, which then sees
+// every partial of the column (threadfence + counter, as in CUDA's
+// threadFenceReduction sample). Replaces a finalize launch.
+__device__ bool last_block_of_column(const ReduceArgs& a) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(a.done + blockIdx.x, 1u) == gridDim.y - 1;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
 
 // Channels-last [M, C] reduction. Thread (tx, ty) = (tid % TX, tid / TX)
 // owns channels [VEC * (blockIdx.x * TX + tx), +VEC) and rows
@@ -259,36 +401,48 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) mc[v] = a.f.grad_mean[c0 + v];
     }
-#pragma unroll 4
-    for (int64_t r = r0 + ty; r < r1; r += TY) {
-      float xv[VEC];
-      load<VEC>(x + r * C + c0, xv);
-      if (K == Kind::kGrad) {
-        float dv[VEC];
-        load<VEC>(dy + r * C + c0, dv);
-        if (ym) {
-          float yv[VEC];
-          load<VEC>(ym + r * C + c0, yv);
+    // x; kGrad: x, dy and y (when given).
+    constexpr int M = K == Kind::kGrad ? 3 : 1;
+    strided(
+        r0 + ty, r1, TY,
+        [&](int64_t r) {
+          Packs<T, VEC, M> p{};
+          p.v[0] = load_pack<VEC>(x + r * C + c0);
+          if (K == Kind::kGrad) {
+            p.v[M - 2] = load_pack<VEC>(dy + r * C + c0);
+            if (ym) p.v[M - 1] = load_pack<VEC>(ym + r * C + c0);
+          }
+          return p;
+        },
+        [&](int64_t r, const Packs<T, VEC, M>& p) {
+          float xv[VEC];
+          unpack(p.v[0], xv);
+          if (K == Kind::kGrad) {
+            float dv[VEC];
+            unpack(p.v[M - 2], dv);
+            if (ym) {
+              float yv[VEC];
+              unpack(p.v[M - 1], yv);
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
-        }
-        if (g) store<VEC>(g + r * C + c0, dv);
+              for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
+            }
+            if (g) store<VEC>(g + r * C + c0, dv);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          sa[v] += dv[v];
-          sb[v] += dv[v] * (xv[v] - mc[v]);
-        }
-      } else {
-        n += 1.f;
-        const float inv = 1.f / n;
+            for (int v = 0; v < VEC; ++v) {
+              sa[v] += dv[v];
+              sb[v] += dv[v] * (xv[v] - mc[v]);
+            }
+          } else {
+            n += 1.f;
+            const float inv = 1.f / n;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const float d = xv[v] - sa[v];
-          sa[v] += d * inv;
-          sb[v] += d * (xv[v] - sa[v]);
-        }
-      }
-    }
+            for (int v = 0; v < VEC; ++v) {
+              const float d = xv[v] - sa[v];
+              sa[v] += d * inv;
+              sb[v] += d * (xv[v] - sa[v]);
+            }
+          }
+        });
   }
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
@@ -319,46 +473,64 @@ __global__ void __launch_bounds__(kThreads)
       sh_n[tid] = n;
     }
   }
-  if (ty != 0 || !active) return;
+  const bool owner = ty == 0 && active;
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (owner) finalize<K>(a.f, c0 + v, sa[v], sb[v]);
+    }
+    return;
+  }
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    if (gridDim.y == 1) {
-      finalize<K>(a.f, c0 + v, sa[v], sb[v]);
-    } else {
+    if (owner) {
       a.part_a[blockIdx.y * C + c0 + v] = sa[v];
       a.part_b[blockIdx.y * C + c0 + v] = sb[v];
     }
   }
+  if (!last_block_of_column(a)) return;
+  // The last block merges its column's channels, a warp per channel.
+  const int64_t base = int64_t(blockIdx.x) * TX * VEC;
+  const int64_t width = min(int64_t(TX) * VEC, C - base);
+  for (int64_t j = tid / 32; j < width; j += kWarps) {
+    merge_partials<K>(a, base + j, tid % 32);
+  }
 }
 
-// Channels-first [N, C, S] reduction of channel blockIdx.x over samples
-// [n0, n0 + per) of block-row blockIdx.y: warp w reduces the rows (n, c) with
-// n = n0 + w, n0 + w + 8, ...; its lanes stride over the row's S contiguous
-// values. Lanes merge by shuffles (fixed order), then warps in order.
+// Channels-first [N, C, S] reduction of channel blockIdx.x. Its rows
+// (n, c) are cut into chunks of kChunk values, the work items (row-major
+// over n); block-row blockIdx.y takes items [i0, i0 + per), warp w the items
+// i0 + w, i0 + w + 8, ..., its lanes striding over the item's values. An
+// item's lane sums (float, at most kChunk / 32 values) are merged by
+// shuffles in a fixed tree and then into the warp's double accumulator, so
+// accuracy does not depend on the row length; warps merge in order.
 template <typename T, int VEC, Kind K>
 __global__ void __launch_bounds__(kThreads)
     reduce_cf_kernel(const ReduceArgs a) {
-  __shared__ Welford sh[kWarps];
+  __shared__ math::Moments<double> sh[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t c = blockIdx.x, C = a.C, S = a.inner;
-  const int64_t n0 = int64_t(blockIdx.y) * a.per;
-  const int64_t n1 = min(a.outer, n0 + a.per);
+  const int64_t i0 = int64_t(blockIdx.y) * a.per;
+  const int64_t i1 = min(a.items, i0 + a.per);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   const T* ym = static_cast<const T*>(a.y);
   T* g = static_cast<T*>(a.g);
   const float mc = K == Kind::kGrad ? a.f.grad_mean[c] : 0.f;
   // Moments: (n, mean, m2). Grad: (unused, sum dy, sum dy*(x-mean)).
-  Welford w{0.f, 0.f, 0.f};
-  for (int64_t s = n0 + warp; s < n1; s += kWarps) {
-    const int64_t off = (s * C + c) * S;
+  math::Moments<double> acc{0.0, 0.0, 0.0};
+  for (int64_t i = i0 + warp; i < i1; i += kWarps) {
+    const int64_t k0 = (i % a.chunks) * kChunk;
+    const int64_t len = min(kChunk, S - k0);
+    const int64_t off = ((i / a.chunks) * C + c) * S + k0;
     const T* xr = x + off;
+    Welford w{0.f, 0.f, 0.f};
     if (K == Kind::kGrad) {
       const T* dr = dy + off;
       const T* yr = ym ? ym + off : nullptr;
       T* gr = g ? g + off : nullptr;
       for_row<VEC>(
-          xr, S, lane, 32,
+          xr, len, lane, 32,
           [&](int64_t i) {
             float d = to_float(dr[i]);
             if (yr && !(to_float(yr[i]) > 0.f)) d = 0.f;
@@ -367,12 +539,19 @@ __global__ void __launch_bounds__(kThreads)
             w.m2 += d * (to_float(xr[i]) - mc);
           },
           [&](int64_t i) {
+            Packs<T, VEC, 3> p{};
+            p.v[0] = load_pack<VEC>(xr + i);
+            p.v[1] = load_pack<VEC>(dr + i);
+            if (yr) p.v[2] = load_pack<VEC>(yr + i);
+            return p;
+          },
+          [&](int64_t i, const Packs<T, VEC, 3>& p) {
             float xv[VEC], dv[VEC];
-            load<VEC>(xr + i, xv);
-            load<VEC>(dr + i, dv);
+            unpack(p.v[0], xv);
+            unpack(p.v[1], dv);
             if (yr) {
               float yv[VEC];
-              load<VEC>(yr + i, yv);
+              unpack(p.v[2], yv);
 #pragma unroll
               for (int v = 0; v < VEC; ++v) dv[v] = yv[v] > 0.f ? dv[v] : 0.f;
             }
@@ -383,85 +562,42 @@ __global__ void __launch_bounds__(kThreads)
               w.m2 += dv[v] * (xv[v] - mc);
             }
           });
+      w = warp_merge<true>(w);
+      acc.mean += w.mean;
+      acc.m2 += w.m2;
     } else {
       for_row<VEC>(
-          xr, S, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
-          [&](int64_t i) {
+          xr, len, lane, 32, [&](int64_t i) { push(w, to_float(xr[i])); },
+          [&](int64_t i) { return load_pack<VEC>(xr + i); },
+          [&](int64_t, const Pack<T, VEC>& p) {
             float xv[VEC];
-            load<VEC>(xr + i, xv);
+            unpack(p, xv);
             push_pack(w, xv);
           });
+      w = warp_merge<false>(w);
+      acc = math::chan_merge(acc, {w.n, w.mean, w.m2});
     }
   }
-  for (int off = 16; off > 0; off /= 2) {
-    const Welford o{__shfl_down_sync(0xffffffffu, w.n, off),
-                    __shfl_down_sync(0xffffffffu, w.mean, off),
-                    __shfl_down_sync(0xffffffffu, w.m2, off)};
-    if (K == Kind::kGrad) {
-      w.mean += o.mean;
-      w.m2 += o.m2;
-    } else {
-      w = merge(w, o);
-    }
-  }
-  if (lane == 0) sh[warp] = w;
+  if (lane == 0) sh[warp] = acc;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int i = 1; i < kWarps; ++i) {
-    if (K == Kind::kGrad) {
-      w.mean += sh[i].mean;
-      w.m2 += sh[i].m2;
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kWarps; ++i) {
+      if (K == Kind::kGrad) {
+        acc.mean += sh[i].mean;
+        acc.m2 += sh[i].m2;
+      } else {
+        acc = math::chan_merge(acc, sh[i]);
+      }
+    }
+    if (gridDim.y == 1) {
+      finalize<K>(a.f, c, acc.mean, acc.m2);
     } else {
-      w = merge(w, sh[i]);
+      a.part_a[blockIdx.y * C + c] = float(acc.mean);
+      a.part_b[blockIdx.y * C + c] = float(acc.m2);
     }
   }
-  if (gridDim.y == 1) {
-    finalize<K>(a.f, c, w.mean, w.m2);
-  } else {
-    a.part_a[blockIdx.y * C + c] = w.mean;
-    a.part_b[blockIdx.y * C + c] = w.m2;
-  }
-}
-
-// One warp per channel c: lane l merges the partials of block-rows
-// b = l, l + 32, ... in order, then the lanes merge in a fixed shuffle tree
-// (Chan for moments, plain sums for the backward, in double); lane 0
-// finalises. Block-row b covers min(per, outer - b * per) * inner values.
-template <Kind K>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const ReduceArgs a, int64_t gy) {
-  const int lane = threadIdx.x % 32;
-  const int64_t c = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (c >= a.C) return;  // warp-uniform
-  double m = 0.0, q = 0.0, n = 0.0;
-  for (int64_t b = lane; b < gy; b += 32) {
-    const double bm = a.part_a[b * a.C + c], bq = a.part_b[b * a.C + c];
-    if (K == Kind::kGrad) {
-      m += bm;
-      q += bq;
-    } else {
-      const double nb = double(min(a.per, a.outer - b * a.per) * a.inner);
-      const double nn = n + nb, d = bm - m;
-      m += d * (nb / nn);
-      q += bq + d * d * (n * nb / nn);
-      n = nn;
-    }
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    const double om = __shfl_down_sync(0xffffffffu, m, off);
-    const double oq = __shfl_down_sync(0xffffffffu, q, off);
-    const double on = __shfl_down_sync(0xffffffffu, n, off);
-    if (K == Kind::kGrad) {
-      m += om;
-      q += oq;
-    } else if (on > 0.0) {
-      const double nn = n + on, d = om - m;
-      m += d * (on / nn);
-      q += oq + d * d * (n * on / nn);
-      n = nn;
-    }
-  }
-  if (lane == 0) finalize<K>(a.f, c, m, q);
+  if (gridDim.y == 1 || !last_block_of_column(a)) return;
+  if (warp == 0) merge_partials<K>(a, c, lane);
 }
 
 // ---------------------------------------------------------------- apply
@@ -474,6 +610,7 @@ struct ApplyArgs {
   bool relu = false;
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;
+  int64_t chunks = 1;  // channels-first: chunks per row (kChunk values each)
   // Normalize: per channel (mean, k = scale * inv_std, b = offset), with
   // inv_std = stat, or rsqrt(stat + epsilon) when stat_is_var.
   const float* mean = nullptr;
@@ -504,7 +641,7 @@ __device__ __forceinline__ Coef coef_of(const ApplyArgs& a, int64_t c,
     r.b = a.coef[2 * a.C + c];
     return r;
   }
-  const double inv = a.stat_is_var ? 1.0 / sqrt(double(a.stat[c]) + a.epsilon)
+  const double inv = a.stat_is_var ? math::inv_std(a.stat[c], a.epsilon)
                                    : double(a.stat[c]);
   r.k = float((a.scale ? double(a.scale[c]) : 1.0) * inv);
   r.b = a.offset ? a.offset[c] : 0.f;
@@ -551,25 +688,34 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
   const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
   const int64_t step = int64_t(gridDim.y) * TY;
-#pragma unroll 4
-  for (int64_t r = int64_t(blockIdx.y) * TY + ty; r < a.outer; r += step) {
-    const int64_t off = r * C + c0;
-    float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
-    load<VEC>(x + off, xv);
-    if (kGrad) load<VEC>(dy + off, dv);
-    if (!kGrad && side) load<VEC>(side + off, sv);
+  // x, then dy (backward) or the side input (when given).
+  strided(
+      int64_t(blockIdx.y) * TY + ty, a.outer, step,
+      [&](int64_t r) {
+        Packs<T, VEC, 2> p{};
+        p.v[0] = load_pack<VEC>(x + r * C + c0);
+        if (kGrad) p.v[1] = load_pack<VEC>(dy + r * C + c0);
+        if (!kGrad && side) p.v[1] = load_pack<VEC>(side + r * C + c0);
+        return p;
+      },
+      [&](int64_t r, const Packs<T, VEC, 2>& p) {
+        float xv[VEC], dv[VEC], ov[VEC];
+        unpack(p.v[0], xv);
+        if (kGrad || side) unpack(p.v[1], dv);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
-      if (!kGrad) ov[v] = epilogue(ov[v], side ? sv[v] : 0.f, a.relu);
-    }
-    store<VEC>(out + off, ov);
-  }
+        for (int v = 0; v < VEC; ++v) {
+          ov[v] = apply1<kGrad>(k[v], xv[v], kGrad ? dv[v] : 0.f);
+          if (!kGrad) ov[v] = epilogue(ov[v], side ? dv[v] : 0.f, a.relu);
+        }
+        store<VEC>(out + r * C + c0, ov);
+      });
 }
 
-// Channels-first [N, C, S] elementwise pass. Warp w of block b handles rows
-// (n, c) = r = b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the
-// channel's coefficients and broadcasts them; lanes stride over the S values.
+// Channels-first [N, C, S] elementwise pass over the work items of
+// reduce_cf_kernel: chunk j of row (n, c) = r is item r * chunks + j, so a
+// long row is spread over many warps. Warp w of block b handles items
+// b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the channel's
+// coefficients and broadcasts them; lanes stride over the item's values.
 template <typename T, int VEC, bool kGrad>
 __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -589,21 +735,23 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
   const T* dy = static_cast<const T*>(a.dy);
   const T* side = static_cast<const T*>(a.side);
   T* out = static_cast<T*>(a.out);
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + warp; r < rows;
-       r += int64_t(gridDim.x) * kWarps) {
-    const int64_t c = r % a.C;
+  for (int64_t item = int64_t(blockIdx.x) * kWarps + warp;
+       item < rows * a.chunks; item += int64_t(gridDim.x) * kWarps) {
+    const int64_t r = item / a.chunks, c = r % a.C;
+    const int64_t k0 = (item % a.chunks) * kChunk;
     Coef k{0.f, 0.f, 0.f, 0.f};
-    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C);
+    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C && k0 == 0);
     k.m = __shfl_sync(0xffffffffu, k.m, 0);
     k.k = __shfl_sync(0xffffffffu, k.k, 0);
     k.b = __shfl_sync(0xffffffffu, k.b, 0);
     k.kx = __shfl_sync(0xffffffffu, k.kx, 0);
-    const T* xr = x + r * S;
-    const T* dr = kGrad ? dy + r * S : nullptr;
-    const T* sr = !kGrad && side ? side + r * S : nullptr;
-    T* orow = out + r * S;
+    const int64_t off = r * S + k0;
+    const T* xr = x + off;
+    const T* dr = kGrad ? dy + off : nullptr;
+    const T* sr = !kGrad && side ? side + off : nullptr;
+    T* orow = out + off;
     for_row<VEC>(
-        xr, S, lane, 32,
+        xr, min(kChunk, S - k0), lane, 32,
         [&](int64_t i) {
           const float d = kGrad ? to_float(dr[i]) : 0.f;
           float o = apply1<kGrad>(k, to_float(xr[i]), d);
@@ -611,14 +759,20 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
           orow[i] = from_float<T>(o);
         },
         [&](int64_t i) {
-          float xv[VEC], dv[VEC], ov[VEC], sv[VEC];
-          load<VEC>(xr + i, xv);
-          if (kGrad) load<VEC>(dr + i, dv);
-          if (sr) load<VEC>(sr + i, sv);
+          Packs<T, VEC, 2> p{};
+          p.v[0] = load_pack<VEC>(xr + i);
+          if (kGrad) p.v[1] = load_pack<VEC>(dr + i);
+          if (sr) p.v[1] = load_pack<VEC>(sr + i);
+          return p;
+        },
+        [&](int64_t i, const Packs<T, VEC, 2>& p) {
+          float xv[VEC], dv[VEC], ov[VEC];
+          unpack(p.v[0], xv);
+          if (kGrad || sr) unpack(p.v[1], dv);
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             ov[v] = apply1<kGrad>(k, xv[v], kGrad ? dv[v] : 0.f);
-            if (!kGrad) ov[v] = epilogue(ov[v], sr ? sv[v] : 0.f, a.relu);
+            if (!kGrad) ov[v] = epilogue(ov[v], sr ? dv[v] : 0.f, a.relu);
           }
           store<VEC>(orow + i, ov);
         });
@@ -633,16 +787,12 @@ __global__ void __launch_bounds__(kThreads)
     update_kernel(const float* mean, const float* var, int64_t C,
                   int64_t count, float* mm, float* mv, int64_t* num_updates,
                   double momentum, bool unbiased) {
-  double m = momentum;
-  if (num_updates) {
-    const double t = double(*num_updates);
-    m = fmin(m, t / (t + 1.0));
-  }
-  const double bessel =
-      unbiased && count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double m = math::ema_momentum(momentum, num_updates != nullptr,
+                                      num_updates ? *num_updates : 0);
+  const double bessel = math::bessel_factor(unbiased, count);
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    mm[c] = float(double(mm[c]) * m + double(mean[c]) * (1.0 - m));
-    mv[c] = float(double(mv[c]) * m + double(var[c]) * bessel * (1.0 - m));
+    mm[c] = float(math::ema(mm[c], mean[c], m));
+    mv[c] = float(math::ema(mv[c], math::batch_variance(var[c], bessel), m));
   }
   __syncthreads();
   if (num_updates && threadIdx.x == 0) *num_updates += 1;
@@ -650,7 +800,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- host side
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 int vec_width(DType t) { return kVecBytes / int(element_bytes(t)); }
@@ -663,13 +812,16 @@ int cl_tx(int64_t vectors) {
 }
 
 // Grid of a reduction: gx blocks across channels, gy block-rows of `per`
-// rows (channels-last) or samples (channels-first).
+// rows (channels-last) or work items (channels-first), about `target`
+// blocks in all when the tensor is big enough (gy never falls as target
+// grows, so a larger target bounds the partials' size).
 struct ReduceGeo {
   int tx = 1;
   int64_t gx = 1, gy = 1, per = 1;
+  int64_t chunks = 1, items = 0;  // channels-first work items (ReduceArgs)
 };
 
-ReduceGeo reduce_geo(const Shape& s, int vec) {
+ReduceGeo reduce_geo(const Shape& s, int vec, int64_t target) {
   ReduceGeo g;
   const bool small = s.size() <= kSmallElems;
   if (s.inner == 1) {
@@ -680,26 +832,110 @@ ReduceGeo reduce_geo(const Shape& s, int vec) {
     g.gx = ceil_div(vectors, g.tx);
     const int64_t ty = kThreads / g.tx;
     g.gy = small ? 1
-                 : std::min({ceil_div(kTargetBlocks, g.gx),
+                 : std::min({ceil_div(target, g.gx),
                              ceil_div(s.outer, ty * kMinRowsPerThread),
                              kMaxGridY});
+    g.gy = std::max<int64_t>(g.gy, 1);
+    g.per = std::max<int64_t>(ceil_div(s.outer, g.gy), 1);
+    g.gy = std::max<int64_t>(ceil_div(s.outer, g.per), 1);
   } else {
+    // At least a work item per warp and kMinSlabElems values per block-row.
     g.gx = s.channels;
+    g.chunks = chunks_of(s.inner);
+    g.items = s.outer * g.chunks;
     g.gy = small ? 1
-                 : std::min({ceil_div(kTargetBlocks, s.channels), s.outer,
+                 : std::min({ceil_div(target, s.channels),
+                             ceil_div(g.items, kWarps),
                              ceil_div(s.count(), kMinSlabElems), kMaxGridY});
+    g.gy = std::max<int64_t>(g.gy, 1);
+    g.per = std::max<int64_t>(ceil_div(g.items, g.gy), 1);
+    g.gy = std::max<int64_t>(ceil_div(g.items, g.per), 1);
   }
-  g.gy = std::max<int64_t>(g.gy, 1);
-  g.per = std::max<int64_t>(ceil_div(s.outer, g.gy), 1);
-  g.gy = std::max<int64_t>(ceil_div(s.outer, g.per), 1);
   return g;
 }
 
-// Bytes of the [gy, C] x 2 partials for either vector width.
+// ---------------------------------------------------------------- occupancy
+// Grids are one wave: the blocks of a kernel the current device holds at
+// once (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), cached per
+// device. A reduction's partials then come from blocks that all run
+// concurrently (a fixed 1024 was 1.55 waves at 5 blocks per SM on 132
+// SMs: the last 0.55 ran at half occupancy), and the grid-stride
+// elementwise passes have no tail wave. 0 means the runtime could not say
+// (its error is cleared here and reported by the caller).
+
+constexpr int kMaxDevices = 64;
+
+// The current device and its SM count; false if the runtime cannot say.
+bool current_device(int* device, int* sms) {
+  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
+      *device >= kMaxDevices ||
+      cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+// Blocks of kThreads threads that any kernel can have resident on the
+// current device: SMs x (threads per SM / kThreads). Bounds every
+// reduction's target, so that the workspace sized from it suffices.
+int64_t max_resident_blocks() {
+  static std::atomic<int64_t> cache[kMaxDevices];
+  int device = 0, sms = 0, threads = 0;
+  if (!current_device(&device, &sms)) return 0;
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor,
+                             device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  v = std::max<int64_t>(1, int64_t(sms) * (threads / kThreads));
+  cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// Kernel's resident blocks of kThreads threads (no dynamic shared memory)
+// on the current device, at most max_resident_blocks().
+template <auto Kernel>
+int64_t resident_blocks() {
+  static std::atomic<int64_t> cache[kMaxDevices];
+  int device = 0, sms = 0, per_sm = 0;
+  if (!current_device(&device, &sms)) return 0;
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads,
+                                                    0) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  v = std::min(std::max<int64_t>(1, int64_t(sms) * per_sm),
+               max_resident_blocks());
+  cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+Status no_occupancy(const char* what) {
+  return Status::Error(std::string("fused_bn: cannot size the grid of ") +
+                       what + ": the CUDA runtime gives no device occupancy");
+}
+
+size_t partials_bytes(int64_t gy, int64_t channels) {
+  return align256(2 * gy * channels * sizeof(float));
+}
+
+// Bytes of the [gy, C] x 2 partials and the [gx] column counters for any
+// reduction kernel and vector width (their targets are at most
+// max_resident_blocks()).
 size_t partial_bytes(const Shape& s, DType t) {
-  const int64_t gy = std::max(reduce_geo(s, vec_width(t)).gy,
-                              reduce_geo(s, 1).gy);
-  return gy > 1 ? align256(2 * gy * s.channels * sizeof(float)) : 0;
+  const int64_t target = max_resident_blocks();
+  const ReduceGeo v = reduce_geo(s, vec_width(t), target);
+  const ReduceGeo one = reduce_geo(s, 1, target);
+  const int64_t gy = std::max(v.gy, one.gy), gx = std::max(v.gx, one.gx);
+  return gy > 1 ? partials_bytes(gy, s.channels) +
+                      align256(gx * sizeof(unsigned))
+                : 0;
 }
 
 bool aligned16(const void* p) {
@@ -763,47 +999,85 @@ Status check_shape(const Shape& s) {
   return Status::Ok();
 }
 
-// Reduction stage of kind K; finalises into a.f (one or two launches).
-template <typename T, Kind K>
-Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
-                  cudaStream_t stream) {
-  constexpr int V = kVecBytes / sizeof(T);
-  const int vec = pick_vec(s, t, {a.x, a.dy, a.y, a.g});
-  const ReduceGeo g = reduce_geo(s, vec);
+// A reduction by Kernel with the given vector width; finalises into a.f
+// (one launch, after a memset of the column counters when gy > 1).
+template <auto Kernel, Kind K>
+Status reduce_with(const Shape& s, int vec, ReduceArgs a, void* workspace,
+                   cudaStream_t stream) {
+  const int64_t target = resident_blocks<Kernel>();
+  if (target == 0) return no_occupancy("reduce");
+  const ReduceGeo g = reduce_geo(s, vec, target);
   a.outer = s.outer;
   a.C = s.channels;
   a.inner = s.inner;
   a.tx = g.tx;
   a.per = g.per;
+  a.chunks = g.chunks;
+  a.items = g.items;
   a.f.C = s.channels;
   a.f.count = s.count();
   if (g.gy > 1) {
     if (!workspace) return Status::Error("fused_bn: workspace is required");
     a.part_a = static_cast<float*>(workspace);
     a.part_b = a.part_a + g.gy * s.channels;
-  }
-  const dim3 grid{unsigned(g.gx), unsigned(g.gy)};
-  if (s.inner == 1) {
-    if (vec == V) {
-      launch<reduce_cl_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<reduce_cl_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
-    }
-  } else {
-    if (vec == V) {
-      launch<reduce_cf_kernel<T, V, K>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<reduce_cf_kernel<T, 1, K>>(grid, kThreads, 0, stream, a);
+    a.done = reinterpret_cast<unsigned*>(
+        static_cast<char*>(workspace) + partials_bytes(g.gy, s.channels));
+    if (cudaMemsetAsync(a.done, 0, g.gx * sizeof(unsigned), stream) !=
+        cudaSuccess) {
+      return check_launch("reduce (counters)");
     }
   }
-  Status st = check_launch("reduce");
-  if (!st.ok() || g.gy == 1) return st;
-  launch<finalize_kernel<K>>(unsigned(ceil_div(s.channels, kWarps)), kThreads,
-                             0, stream, a, g.gy);
-  return check_launch("finalize");
+  launch<Kernel>(dim3{unsigned(g.gx), unsigned(g.gy)}, kThreads, 0, stream, a);
+  return check_launch("reduce");
 }
 
-// Elementwise stage (one launch).
+// Reduction stage of kind K: picks the kernel for the layout and vector width.
+template <typename T, Kind K>
+Status run_reduce(const Shape& s, DType t, ReduceArgs a, void* workspace,
+                  cudaStream_t stream) {
+  constexpr int V = kVecBytes / sizeof(T);
+  const int vec = pick_vec(s, t, {a.x, a.dy, a.y, a.g});
+  if (s.inner == 1 && vec == V) {
+    return reduce_with<reduce_cl_kernel<T, V, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  if (s.inner == 1) {
+    return reduce_with<reduce_cl_kernel<T, 1, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  if (vec == V) {
+    return reduce_with<reduce_cf_kernel<T, V, K>, K>(s, vec, a, workspace,
+                                                     stream);
+  }
+  return reduce_with<reduce_cf_kernel<T, 1, K>, K>(s, vec, a, workspace,
+                                                   stream);
+}
+
+// An elementwise pass by Kernel (one launch): one wave of blocks, or fewer
+// when the tensor has less work (grid-stride loops cover the rest).
+template <auto Kernel, bool kGrad>
+Status apply_with(const Shape& s, int vec, ApplyArgs a, cudaStream_t stream) {
+  const int64_t wave = resident_blocks<Kernel>();
+  if (wave == 0) return no_occupancy(kGrad ? "backward dx" : "normalize");
+  dim3 grid;
+  if (s.inner == 1) {
+    const int64_t vectors = ceil_div(s.channels, vec);
+    a.tx = cl_tx(vectors);
+    const int64_t gx = ceil_div(vectors, a.tx);
+    const int64_t gy = std::max<int64_t>(
+        1, std::min({ceil_div(s.outer, kThreads / a.tx), ceil_div(wave, gx),
+                     kMaxGridY}));
+    grid = dim3{unsigned(gx), unsigned(gy)};
+  } else {
+    a.chunks = chunks_of(s.inner);
+    grid = dim3{unsigned(std::max<int64_t>(
+        1, std::min(ceil_div(s.outer * s.channels * a.chunks, kWarps), wave)))};
+  }
+  launch<Kernel>(grid, kThreads, 0, stream, a);
+  return check_launch(kGrad ? "backward dx" : "normalize");
+}
+
+// Elementwise stage: picks the kernel for the layout and vector width.
 template <typename T, bool kGrad>
 Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   constexpr int V = kVecBytes / sizeof(T);
@@ -811,31 +1085,16 @@ Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   a.outer = s.outer;
   a.C = s.channels;
   a.inner = s.inner;
-  if (s.inner == 1) {
-    const int64_t vectors = ceil_div(s.channels, vec);
-    a.tx = cl_tx(vectors);
-    const int64_t gx = ceil_div(vectors, a.tx);
-    const int64_t gy = std::max<int64_t>(
-        1, std::min({ceil_div(s.outer, kThreads / a.tx),
-                     ceil_div(kApplyBlocks, gx), kMaxGridY}));
-    const dim3 grid{unsigned(gx), unsigned(gy)};
-    if (vec == V) {
-      launch<apply_cl_kernel<T, V, kGrad>>(grid, kThreads, 0, stream, a);
-    } else {
-      launch<apply_cl_kernel<T, 1, kGrad>>(grid, kThreads, 0, stream, a);
-    }
-  } else {
-    const int64_t blocks = std::max<int64_t>(
-        1, std::min(ceil_div(s.outer * s.channels, kWarps), kApplyBlocks * 4));
-    if (vec == V) {
-      launch<apply_cf_kernel<T, V, kGrad>>(unsigned(blocks), kThreads, 0,
-                                           stream, a);
-    } else {
-      launch<apply_cf_kernel<T, 1, kGrad>>(unsigned(blocks), kThreads, 0,
-                                           stream, a);
-    }
+  if (s.inner == 1 && vec == V) {
+    return apply_with<apply_cl_kernel<T, V, kGrad>, kGrad>(s, vec, a, stream);
   }
-  return check_launch(kGrad ? "backward dx" : "normalize");
+  if (s.inner == 1) {
+    return apply_with<apply_cl_kernel<T, 1, kGrad>, kGrad>(s, vec, a, stream);
+  }
+  if (vec == V) {
+    return apply_with<apply_cf_kernel<T, V, kGrad>, kGrad>(s, vec, a, stream);
+  }
+  return apply_with<apply_cf_kernel<T, 1, kGrad>, kGrad>(s, vec, a, stream);
 }
 
 }  // namespace
@@ -894,13 +1153,12 @@ Status normalize(const NormalizeParams& p, cudaStream_t stream) {
 }
 
 Status update_moving_stats(const UpdateParams& p, cudaStream_t stream) {
+  if (p.channels < 0) return Status::Error("update: channels < 0");
+  if (p.channels == 0) return Status::Ok();  // nothing changes (bn.h)
   if (p.dtype == DType::kFloat64) {
     return Status::Error("float64 is not supported on GPU");
   }
-  if (p.channels < 0) return Status::Error("update: channels < 0");
-  if (p.channels == 0 && !p.num_updates) return Status::Ok();
-  if (p.channels > 0 &&
-      (!p.mean || !p.var || !p.moving_mean || !p.moving_var)) {
+  if (!p.mean || !p.var || !p.moving_mean || !p.moving_var) {
     return Status::Error(
         "update: mean, var, moving_mean and moving_var are required");
   }

@@ -380,6 +380,25 @@ def check_update(k, b, dtype, channels, count, warmup_t, unbiased, momentum=0.9)
         assert int(b.get(counter)[0]) == warmup_t + 1
 
 
+def check_zero_channels_keep_the_counter(k, b, inner):
+    """C == 0 (bn.h: every launcher does nothing, the counter included):
+    update_moving_stats and a training forward with moving statistics leave
+    the warm-up counter and every buffer as they were."""
+    s = b.put(np.array([5.0], np.float32))
+    x = b.put(np.array([1.0], np.float32))
+    counter = b.put(np.array([3], np.int64))
+    p = b.ptr
+    k.update_moving_stats("float32", 0, p(s), p(s), 7, p(s), p(s),
+                          num_updates=p(counter), momentum=0.9,
+                          unbiased_variance=True, device=b.device, stream=b.stream)
+    assert int(b.get(counter)[0]) == 3, "update_moving_stats with C == 0"
+    k.forward("float32", 4, 0, inner, p(x), p(x), p(s), p(s), epsilon=1e-3,
+              training=True, moving_mean=p(s), moving_var=p(s),
+              num_updates=p(counter), momentum=0.9, device=b.device, **b.extra())
+    assert int(b.get(counter)[0]) == 3, "training forward with C == 0"
+    assert float(b.get(s)[0]) == 5.0 and float(b.get(x)[0]) == 1.0
+
+
 def run_forward(k, b, dtype, shape, x, training, offset=0, warmup_t=3,
                 momentum=0.9, unbiased=True, seed=0, side=None, relu=False):
     """Runs forward (with the epilogue: side input array `side`, `relu`);

@@ -1,6 +1,12 @@
 """CUDA kernels through fused_bn._kernels on torch CUDA buffers, against
 float64 NumPy references: every op, dtype and layout, awkward and unaligned
 shapes, multi-block merges, determinism, moving statistics and the counter."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -93,6 +99,46 @@ def test_bitwise_deterministic(k, buf, dtype, shape):
     g = [ku.run_backward(k, buf, dtype, shape, x, dy, True)[0] for _ in range(2)]
     for name in ("dx", "dscale", "doffset"):
         assert g[0][name].tobytes() == g[1][name].tobytes(), name
+
+
+ORDER_SHAPES = [("float16", (40000, 40, 1)), ("float32", (16, 64, 3136))]
+
+
+def test_bitwise_deterministic_in_any_block_order(k, buf):
+    """Multi-block reductions (the last block of a column merges the
+    partials) give bitwise the same outputs whichever block finishes last:
+    the emulator runs blocks and threads in forward, reverse and random
+    order, one process each."""
+    if not buf.emulated:
+        pytest.skip("the block order is the emulator's (FUSED_BN_EMU_ORDER)")
+    code = textwrap.dedent(f"""
+        import hashlib, json, sys
+        import numpy as np
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import _kernels_util as ku
+        k = ku.load_kernels()
+        b = ku.EmuBuffers(k)
+        out = {{}}
+        for d, s in {ORDER_SHAPES!r}:
+            x = ku.make_x(s, d, seed=5)
+            dy = ku.quantize(np.random.default_rng(6).standard_normal(s), d)
+            f = ku.run_forward(k, b, d, s, x, True)[0]
+            g = ku.run_backward(k, b, d, s, x, dy, True)[0]
+            for name, v in list(f.items()) + list(g.items()):
+                if v is not None and name != "counter":
+                    out[f"{{d}}{{s}}{{name}}"] = hashlib.sha256(
+                        np.asarray(v).tobytes()).hexdigest()
+        print(json.dumps(out))
+        """)
+    runs = {}
+    for order in ["forward", "reverse", "random:7"]:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                             text=True, timeout=900,
+                             env=dict(os.environ, FUSED_BN_EMU_ORDER=order))
+        assert run.returncode == 0, run.stdout + run.stderr
+        runs[order] = json.loads(run.stdout.splitlines()[-1])
+    assert len(runs["forward"]) == 2 * 8  # y, 4 statistics, dx, dscale, doffset
+    assert runs["forward"] == runs["reverse"] == runs["random:7"]
 
 
 @pytest.mark.slow

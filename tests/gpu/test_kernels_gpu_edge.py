@@ -1,7 +1,14 @@
 """CUDA kernel edge cases the main GPU tests do not reach: empty tensors
 (outer == 0), zero channels, buffers whose 16-byte misalignments differ (the
 launchers must fall back to scalar access, never issue a misaligned vector
-load), and tensors of more than 2^31 elements (64-bit indexing)."""
+load), tensors of more than 2^31 elements (64-bit indexing), a long
+channels-first row (accumulation accuracy), and grids sized from the
+device's occupancy."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -89,6 +96,11 @@ def test_zero_channels_is_a_no_op(k, buf, inner):
     k.backward("float32", 4, 0, inner, p(x), p(x), p(s), p(s), dx=p(y), dscale=p(s),
                doffset=p(s), device="cuda", stream=buf.stream, workspace=p(s))
     buf.sync()
+
+
+@pytest.mark.parametrize("inner", [1, 7])
+def test_zero_channels_keep_the_counter(k, buf, inner):
+    ku.check_zero_channels_keep_the_counter(k, buf, inner)
 
 
 # ---------------------------------------------------------------- alignment
@@ -206,7 +218,8 @@ def _periodic(torch, t, shape):
 def test_more_than_2_31_elements(k, buf, name):
     if buf.emulated:
         pytest.skip("too big to emulate: more than 2^31 elements (20 GB) on the "
-                    "CPU emulator of the CUDA kernels")
+                    "CPU emulator of the CUDA kernels (test_long_channels_first_row "
+                    "stands in for them there)")
     torch = buf.torch
     shape = BIG[name]
     outer, c, inner = shape
@@ -268,3 +281,76 @@ def test_more_than_2_31_elements(k, buf, name):
     else:
         got = dx[-1, :, -7:].float().cpu().numpy().T
     np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------- a long row
+
+# One channels-first row of 7 * 76695844 = 536870908 float16 values (1 GiB):
+# x = i % 7 - 3, whole periods, so mean 0 and variance 4 exactly. What the
+# >2^31 tests check about accumulation, at a size the emulator can hold.
+# With one warp per row and every lane's Welford in float (before rows were
+# cut into chunks) the emulated variance was 3.964286 (-0.89%).
+LONG_ROW = (1, 1, 7 * 76695844)
+
+
+@pytest.mark.slow
+def test_long_channels_first_row(k, buf):
+    shape = LONG_ROW
+    n = shape[2]
+    period = np.arange(7, dtype=np.float64) - 3
+    pattern = np.tile(period.astype(np.float16), n // 7).reshape(shape)
+    x = buf.put(pattern)
+    del pattern
+    mean, var = ku.run_moments(k, buf, "float16", shape, x)
+    ref_mean, ref_var = period.mean(), period.var()  # float64: 0 and 4
+    np.testing.assert_allclose(mean, [ref_mean], atol=1e-6)
+    np.testing.assert_allclose(var, [ref_var], rtol=1e-6)
+
+    y = buf.full(n, np.nan, "float16")
+    sm, sr = buf.put(np.zeros(1, np.float32)), buf.put(np.zeros(1, np.float32))
+    mm, mv = buf.put(np.zeros(1, np.float32)), buf.put(np.ones(1, np.float32))
+    ws = buf.workspace(k.forward_workspace_bytes("float16", *shape))
+    k.forward("float16", *shape, buf.ptr(x), buf.ptr(y), buf.ptr(sm), buf.ptr(sr),
+              epsilon=EPS, training=True, moving_mean=buf.ptr(mm), moving_var=buf.ptr(mv),
+              momentum=0.5, device="cuda", stream=buf.stream, workspace=buf.ptr(ws))
+    inv = 1 / np.sqrt(ref_var + EPS)
+    np.testing.assert_allclose(buf.host(sm, 1), [ref_mean], atol=1e-6)
+    np.testing.assert_allclose(buf.host(sr, 1), [inv], rtol=1e-6)
+    np.testing.assert_allclose(buf.host(mv, 1), [0.5 + 0.5 * ref_var * n / (n - 1)],
+                               rtol=1e-6)
+    del x
+    got = buf.get(y).reshape(-1, 7)
+    ku.assert_out(got[:1], (period * inv)[None, :], "float16", "y")
+    assert np.array_equal(got, np.broadcast_to(got[:1], got.shape)), \
+        "y differs between periods (unwritten or misindexed)"
+
+
+# ---------------------------------------------------------------- occupancy
+
+GRID_SHAPES = [("float32", (300000, 64, 1)), ("float16", (64, 64, 3136))]
+
+
+def test_grids_follow_the_sm_count(k, buf):
+    """Grids are sized from occupancy x SMs: on an emulated GPU of 5 SMs (a
+    fresh process: the sizes are cached per device) a reduction has fewer
+    block-rows, so a smaller workspace, and the same results against float64."""
+    if not buf.emulated:
+        pytest.skip("the SM count is the emulator's (FUSED_BN_EMU_SMS)")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import _kernels_util as ku
+        k = ku.load_kernels()
+        b = ku.EmuBuffers(k)
+        shapes = {GRID_SHAPES!r}
+        print(*[k.forward_workspace_bytes(d, *s) for d, s in shapes])
+        for d, s in shapes:
+            ku.check_forward(k, b, d, s, True)
+            ku.check_backward(k, b, d, s, True)
+        """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=900, env=dict(os.environ, FUSED_BN_EMU_SMS="5"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    small = [int(v) for v in run.stdout.split()]
+    full = [k.forward_workspace_bytes(d, *s) for d, s in GRID_SHAPES]
+    assert all(a < b for a, b in zip(small, full)), (small, full)

@@ -44,8 +44,9 @@
 //   The device (cudaDeviceGetAttribute, occupancy) is an H200: 132 SMs,
 //   2048 threads, 32 blocks and 228 KB shared memory per SM, 48 KB per block
 //   (227 KB opt-in).
-// Limits: arithmetic is exact IEEE on the CPU (nvcc's --use_fast_math
-// divisions, rsqrt and flushed denormals are not reproduced); registers,
+// Limits: arithmetic is exact IEEE on the CPU (nvcc's FMA contraction, and
+// the approximate divisions, rsqrt and flushed denormals of --use_fast_math,
+// which the kernels are not built with, are not reproduced); registers,
 // __launch_bounds__, static shared memory in occupancy, memory fences,
 // inter-block spin waits (they hang), timing and races between blocks are
 // not modelled.
