@@ -159,8 +159,8 @@ def _global_moments(ctx, count, mean, var, u):
     total = tf.reduce_sum(counts, 0)
     safe = tf.maximum(total, 1.0)
     gmean = tf.reduce_sum(counts * means, 0) / safe
-    gm2 = tf.reduce_sum(m2, 0) + tf.reduce_sum(
-        counts * tf.square(means - gmean), 0)
+    from . import reference  # the bn_math.h mirror; it imports this module
+    gm2 = tf.reduce_sum(reference.pooled_m2_term(counts, means, m2, gmean), 0)
     return (tf.cast(gmean, u), tf.cast(gm2 / safe, u),
             tf.reshape(tf.cast(total, tf.int64), tf.shape(count)))
 
