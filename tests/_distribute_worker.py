@@ -49,6 +49,20 @@ def _bn64(x, mask, params, axis):
             + params["beta"].reshape(shape))
 
 
+def gradient_penalty(tf, bn, x, w, variable):
+    """pen = |d/dx sum(w * bn(x)^2)|^2 by a double tape, and its gradients
+    w.r.t. x and variable: (pen, dpen/dx, dpen/dvariable)."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = bn(x)
+            loss = tf.reduce_sum(w * y * y)
+        dx = inner.gradient(loss, x)
+        pen = tf.reduce_sum(dx * dx)
+    return (pen,) + tuple(outer.gradient(pen, [x, variable]))
+
+
 class Run:
     def __init__(self, strategy, multiworker):
         import tensorflow as tf
@@ -284,6 +298,23 @@ class Run:
         self.save_components(key, "cross_mean", mm)
         self.save_components(key, "cross_variance", mv)
 
+    def save_penalty(self, key, replica_fn, args):
+        """Runs replica_fn (penalty, d/dx, d/dgamma per replica) under the
+        strategy; saves the summed penalty and d/dgamma, and each replica's
+        d/dx."""
+        tf = self.tf
+
+        @tf.function
+        def step(*args):
+            pen, dx, dg = self.strategy.run(replica_fn, args=args)
+            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, pen, None),
+                    dx, self.strategy.reduce(tf.distribute.ReduceOp.SUM, dg, None))
+
+        pen, dx, dg = step(*args)
+        self.save(key, "penalty", pen)
+        self.save_replicas(key, "dpen_dx", dx)
+        self.save(key, "dpen_dgamma", dg)
+
     def second_order(self, key, sizes):
         """A gradient penalty through sync BN, and the same on the global
         batch with the pure-TF reference in float64, on one device."""
@@ -293,36 +324,16 @@ class Run:
         with self.strategy.scope():
             gamma = tf.Variable(p["gamma"])
 
-        def penalty(bn, x, w, g):
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    y = bn(x, g)
-                    loss = tf.reduce_sum(w * y * y)
-                dx = inner.gradient(loss, x)
-                pen = tf.reduce_sum(dx * dx)
-            return (pen,) + tuple(outer.gradient(pen, [x, g]))
-
         def replica_fn(x, w):
-            return penalty(lambda x, g: fused_bn.batch_norm(
-                x, True, g, epsilon=EPS, synchronized=True), x, w, gamma)
+            return gradient_penalty(tf, lambda x: fused_bn.batch_norm(
+                x, True, gamma, epsilon=EPS, synchronized=True), x, w, gamma)
 
-        @tf.function
-        def step(x, w):
-            pen, dx, dg = self.strategy.run(replica_fn, args=(x, w))
-            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, pen, None),
-                    dx, self.strategy.reduce(tf.distribute.ReduceOp.SUM, dg, None))
-
-        pen, dx, dg = step(xs, dys)
-        self.save(key, "penalty", pen)
-        self.save_replicas(key, "dpen_dx", dx)
-        self.save(key, "dpen_dgamma", dg)
+        self.save_penalty(key, replica_fn, (xs, dys))
         x64 = tf.constant(self.out[f"{key}:x"], tf.float64)
         w64 = tf.constant(self.out[f"{key}:dy"], tf.float64)
-        ref = penalty(lambda x, g: fused_bn.reference.batch_norm(
-            x, True, g, epsilon=EPS), x64, w64,
-            tf.Variable(p["gamma"].astype("float64")))
+        gamma64 = tf.Variable(p["gamma"].astype("float64"))
+        ref = gradient_penalty(tf, lambda x: fused_bn.reference.batch_norm(
+            x, True, gamma64, epsilon=EPS), x64, w64, gamma64)
         for name, v in zip(("penalty", "dpen_dx", "dpen_dgamma"), ref):
             self.save(key, "ref_" + name, v)
 
@@ -353,27 +364,10 @@ class Run:
                                        side_input=tf.sin(x), activation="relu")
 
         def replica_fn(x, w, *m):
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    y = bn(x, m[0] if m else None)
-                    loss = tf.reduce_sum(w * y * y)
-                dx = inner.gradient(loss, x)
-                pen = tf.reduce_sum(dx * dx)
-            return (pen,) + tuple(outer.gradient(pen, [x, gamma]))
+            return gradient_penalty(
+                tf, lambda x: bn(x, m[0] if m else None), x, w, gamma)
 
-        @tf.function
-        def step(x, w):
-            args = (x, w) + ((masks,) if masked else ())
-            pen, dx, dg = self.strategy.run(replica_fn, args=args)
-            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, pen, None),
-                    dx, self.strategy.reduce(tf.distribute.ReduceOp.SUM, dg, None))
-
-        pen, dx, dg = step(xs, dys)
-        self.save(key, "penalty", pen)
-        self.save_replicas(key, "dpen_dx", dx)
-        self.save(key, "dpen_dgamma", dg)
+        self.save_penalty(key, replica_fn, (xs, dys) + ((masks,) if masked else ()))
 
     # ------------------------------------------------------------ Keras
 
