@@ -73,6 +73,28 @@ def emulated(k):
     return bool(getattr(k, "cuda_emulated", lambda: False)())
 
 
+def run_emulated(body, **env):
+    """Runs `body` (Python source) in a fresh process with `k`
+    (load_kernels()), `b` (EmuBuffers(k)), `ku` and `np` defined and the
+    environment variables env set (e.g. FUSED_BN_EMU_ORDER: settings the
+    emulator reads once per process); asserts it succeeded, returns its
+    stdout."""
+    import subprocess
+    import textwrap
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import _kernels_util as ku
+        k = ku.load_kernels()
+        b = ku.EmuBuffers(k)
+        """) + textwrap.dedent(body)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=900, env=dict(os.environ, **env))
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
 def kernels_or_skip():
     import pytest
 

@@ -2,10 +2,6 @@
 float64 NumPy references: every op, dtype and layout, awkward and unaligned
 shapes, multi-block merges, determinism, moving statistics and the counter."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -111,13 +107,8 @@ def test_bitwise_deterministic_in_any_block_order(k, buf):
     order, one process each."""
     if not buf.emulated:
         pytest.skip("the block order is the emulator's (FUSED_BN_EMU_ORDER)")
-    code = textwrap.dedent(f"""
-        import hashlib, json, sys
-        import numpy as np
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import _kernels_util as ku
-        k = ku.load_kernels()
-        b = ku.EmuBuffers(k)
+    body = f"""
+        import hashlib, json
         out = {{}}
         for d, s in {ORDER_SHAPES!r}:
             x = ku.make_x(s, d, seed=5)
@@ -129,14 +120,11 @@ def test_bitwise_deterministic_in_any_block_order(k, buf):
                     out[f"{{d}}{{s}}{{name}}"] = hashlib.sha256(
                         np.asarray(v).tobytes()).hexdigest()
         print(json.dumps(out))
-        """)
+        """
     runs = {}
     for order in ["forward", "reverse", "random:7"]:
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                             text=True, timeout=900,
-                             env=dict(os.environ, FUSED_BN_EMU_ORDER=order))
-        assert run.returncode == 0, run.stdout + run.stderr
-        runs[order] = json.loads(run.stdout.splitlines()[-1])
+        stdout = ku.run_emulated(body, FUSED_BN_EMU_ORDER=order)
+        runs[order] = json.loads(stdout.splitlines()[-1])
     assert len(runs["forward"]) == 2 * 8  # y, 4 statistics, dx, dscale, doffset
     assert runs["forward"] == runs["reverse"] == runs["random:7"]
 

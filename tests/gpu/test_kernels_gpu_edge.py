@@ -4,10 +4,6 @@ launchers must fall back to scalar access, never issue a misaligned vector
 load), tensors of more than 2^31 elements (64-bit indexing), a long
 channels-first row (accumulation accuracy), and grids sized from the
 device's occupancy."""
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -336,21 +332,13 @@ def test_grids_follow_the_sm_count(k, buf):
     block-rows, so a smaller workspace, and the same results against float64."""
     if not buf.emulated:
         pytest.skip("the SM count is the emulator's (FUSED_BN_EMU_SMS)")
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import _kernels_util as ku
-        k = ku.load_kernels()
-        b = ku.EmuBuffers(k)
+    stdout = ku.run_emulated(f"""
         shapes = {GRID_SHAPES!r}
         print(*[k.forward_workspace_bytes(d, *s) for d, s in shapes])
         for d, s in shapes:
             ku.check_forward(k, b, d, s, True)
             ku.check_backward(k, b, d, s, True)
-        """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=900, env=dict(os.environ, FUSED_BN_EMU_SMS="5"))
-    assert run.returncode == 0, run.stdout + run.stderr
-    small = [int(v) for v in run.stdout.split()]
+        """, FUSED_BN_EMU_SMS="5")
+    small = [int(v) for v in stdout.split()]
     full = [k.forward_workspace_bytes(d, *s) for d, s in GRID_SHAPES]
     assert all(a < b for a, b in zip(small, full)), (small, full)
