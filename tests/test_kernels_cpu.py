@@ -222,8 +222,8 @@ def test_errors(k):
 
 
 def test_workspace_bytes(k):
-    for fn in (k.moments_workspace_bytes, k.forward_workspace_bytes,
-               k.backward_workspace_bytes):
+    for fn in (k.moments_workspace_bytes, k.normalize_workspace_bytes,
+               k.forward_workspace_bytes, k.backward_workspace_bytes):
         n = fn("float16", 256 * 56 * 56, 64, 1)
         assert n >= 0 and (n % 256 == 0)
         if not k.has_cuda():

@@ -69,6 +69,7 @@ struct NormalizeParams {
   double epsilon = 1e-3;
   const void* side_input = nullptr;  // nullptr: none
   bool relu = false;
+  void* workspace = nullptr;  // CUDA only: normalize_workspace_bytes()
 };
 
 // In-place moving-average update of [channels] statistics of type U:

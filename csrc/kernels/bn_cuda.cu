@@ -9,7 +9,12 @@
 //             column (a counter per column) merges them per channel in
 //             block order (Chan, in double), in the same launch. No float
 //             atomics: results are bitwise identical run to run.
-//   apply:    y = (x - mean) * (scale * inv_std) + offset, or the dx formula.
+//   apply:    y = (x - mean) * k + b, or the dx formula, with per-channel
+//             coefficients computed once per channel into the workspace
+//             ([2, C] k = scale * inv_std, b = offset; [3, C] for dx) by the
+//             reduction's finalisation, or by a small per-channel launch
+//             when there is no reduction (inference, normalize): the apply
+//             threads do no per-channel math (no double sqrt or division).
 // The epilogue: the normalize apply adds a side input and applies relu in
 // float before its one rounding; the backward's reduction masks dy by the
 // forward's y > 0 and writes the masked dy (to dside, or to dx's buffer),
@@ -236,6 +241,10 @@ struct Final {
   float* saved_mean = nullptr;
   float* saved_inv_std = nullptr;
   double epsilon = 0;
+  const float* offset = nullptr;  // and scale (below): the affine parameters
+  float* norm = nullptr;  // [2, C]: k, b for the normalize pass
+  const float* given_mean = nullptr;  // norm_coef_kernel's statistics
+  const float* given_var = nullptr;
   float* moving_mean = nullptr;
   float* moving_var = nullptr;
   const int64_t* num_updates = nullptr;
@@ -244,7 +253,7 @@ struct Final {
   // kGrad
   const float* grad_mean = nullptr;     // the forward's saved_mean
   const float* grad_inv_std = nullptr;  // the forward's saved_inv_std
-  const float* scale = nullptr;
+  const float* scale = nullptr;  // kForward too
   bool training = true;
   float* dscale = nullptr;
   float* doffset = nullptr;
@@ -265,6 +274,13 @@ __device__ void grad_coef(const Final& f, int64_t c, double sd, double ds) {
   f.coef[2 * f.C + c] = float(k.k_0);
 }
 
+// The normalize pass's coefficients of channel c, normalized with
+// inv_std: k = scale * inv_std, b = offset (y = (x - mean) * k + b).
+__device__ void norm_coef(const Final& f, int64_t c, double inv_std) {
+  f.norm[c] = float(f.scale ? double(f.scale[c]) * inv_std : inv_std);
+  f.norm[f.C + c] = f.offset ? f.offset[c] : 0.f;
+}
+
 template <Kind K>
 __device__ void finalize(const Final& f, int64_t c, double a, double b) {
   const double n = double(f.count);
@@ -273,8 +289,10 @@ __device__ void finalize(const Final& f, int64_t c, double a, double b) {
     f.var[c] = float(b / n);
   } else if (K == Kind::kForward) {
     const double var = b / n;
+    const double inv = math::inv_std(var, f.epsilon);
     f.saved_mean[c] = float(a);
-    f.saved_inv_std[c] = float(math::inv_std(var, f.epsilon));
+    f.saved_inv_std[c] = float(inv);
+    norm_coef(f, c, inv);
     if (f.moving_mean) {
       const double m = math::ema_momentum(f.momentum, f.num_updates != nullptr,
                                           f.num_updates ? *f.num_updates : 0);
@@ -286,6 +304,21 @@ __device__ void finalize(const Final& f, int64_t c, double a, double b) {
   } else {
     grad_coef(f, c, a, math::sum_dy_xhat(b, double(f.grad_inv_std[c])));
   }
+}
+
+// The normalize pass's coefficients from given statistics (inference
+// forward, normalize; no reduction): thread c of the grid handles channel
+// c. f.given_mean/given_var hold the statistics; saved_mean and
+// saved_inv_std are written when given.
+__global__ void __launch_bounds__(kThreads) norm_coef_kernel(const Final f) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= f.C) return;
+  const double inv = math::inv_std(f.given_var[c], f.epsilon);
+  if (f.saved_mean) {
+    f.saved_mean[c] = f.given_mean[c];
+    f.saved_inv_std[c] = float(inv);
+  }
+  norm_coef(f, c, inv);
 }
 
 // The backward's coefficients from given global sums (no reduction): thread
@@ -611,19 +644,11 @@ struct ApplyArgs {
   int64_t outer = 0, C = 0, inner = 1;
   int tx = 1;
   int64_t chunks = 1;  // channels-first: chunks per row (kChunk values each)
-  // Normalize: per channel (mean, k = scale * inv_std, b = offset), with
-  // inv_std = stat, or rsqrt(stat + epsilon) when stat_is_var.
   const float* mean = nullptr;
-  const float* stat = nullptr;
-  bool stat_is_var = false;
-  double epsilon = 0;
-  const float* scale = nullptr;
-  const float* offset = nullptr;
-  float* saved_mean = nullptr;     // written when given (inference forward)
-  float* saved_inv_std = nullptr;
-  int64_t* increment = nullptr;    // ++*increment once (training forward)
+  // Normalize: [2, C] k, b: y = (x - mean) * k + b (norm_coef).
   // Backward: [3, C] k_dy, k_x, k_0: dx = k_dy*dy + k_x*(x-mean) + k_0.
   const float* coef = nullptr;
+  int64_t* increment = nullptr;    // ++*increment once (training forward)
 };
 
 struct Coef {
@@ -631,25 +656,12 @@ struct Coef {
 };
 
 template <bool kGrad>
-__device__ __forceinline__ Coef coef_of(const ApplyArgs& a, int64_t c,
-                                        bool write_saved) {
+__device__ __forceinline__ Coef coef_of(const ApplyArgs& a, int64_t c) {
   Coef r;
   r.m = a.mean[c];
-  if (kGrad) {
-    r.k = a.coef[c];
-    r.kx = a.coef[a.C + c];
-    r.b = a.coef[2 * a.C + c];
-    return r;
-  }
-  const double inv = a.stat_is_var ? math::inv_std(a.stat[c], a.epsilon)
-                                   : double(a.stat[c]);
-  r.k = float((a.scale ? double(a.scale[c]) : 1.0) * inv);
-  r.b = a.offset ? a.offset[c] : 0.f;
-  r.kx = 0.f;
-  if (write_saved && a.saved_mean) {
-    a.saved_mean[c] = r.m;
-    a.saved_inv_std[c] = float(inv);
-  }
+  r.k = a.coef[c];
+  r.kx = kGrad ? a.coef[a.C + c] : 0.f;
+  r.b = a.coef[(kGrad ? 2 : 1) * a.C + c];
   return r;
 }
 
@@ -680,9 +692,8 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
   }
   if (c0 >= C) return;
   Coef k[VEC];
-  const bool saver = blockIdx.y == 0 && ty == 0;
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) k[v] = coef_of<kGrad>(a, c0 + v, saver);
+  for (int v = 0; v < VEC; ++v) k[v] = coef_of<kGrad>(a, c0 + v);
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   const T* side = static_cast<const T*>(a.side);
@@ -714,7 +725,7 @@ __global__ void __launch_bounds__(kThreads) apply_cl_kernel(const ApplyArgs a) {
 // Channels-first [N, C, S] elementwise pass over the work items of
 // reduce_cf_kernel: chunk j of row (n, c) = r is item r * chunks + j, so a
 // long row is spread over many warps. Warp w of block b handles items
-// b * 8 + w, stepping by gridDim.x * 8; lane 0 computes the channel's
+// b * 8 + w, stepping by gridDim.x * 8; lane 0 reads the channel's
 // coefficients and broadcasts them; lanes stride over the item's values.
 template <typename T, int VEC, bool kGrad>
 __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
@@ -723,14 +734,6 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
     *a.increment += 1;
   }
   const int64_t rows = a.outer * a.C, S = a.inner;
-  // No rows (outer == 0): the row loop below never runs, so an inference
-  // forward writes its saved statistics here (the contract: always written).
-  if (!kGrad && rows == 0 && a.saved_mean) {
-    for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < a.C;
-         c += int64_t(gridDim.x) * kThreads) {
-      coef_of<kGrad>(a, c, true);
-    }
-  }
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
   const T* side = static_cast<const T*>(a.side);
@@ -740,7 +743,7 @@ __global__ void __launch_bounds__(kThreads) apply_cf_kernel(const ApplyArgs a) {
     const int64_t r = item / a.chunks, c = r % a.C;
     const int64_t k0 = (item % a.chunks) * kChunk;
     Coef k{0.f, 0.f, 0.f, 0.f};
-    if (lane == 0) k = coef_of<kGrad>(a, c, r < a.C && k0 == 0);
+    if (lane == 0) k = coef_of<kGrad>(a, c);
     k.m = __shfl_sync(0xffffffffu, k.m, 0);
     k.k = __shfl_sync(0xffffffffu, k.k, 0);
     k.b = __shfl_sync(0xffffffffu, k.b, 0);
@@ -1097,14 +1100,45 @@ Status run_apply(const Shape& s, DType t, ApplyArgs a, cudaStream_t stream) {
   return apply_with<apply_cf_kernel<T, 1, kGrad>, kGrad>(s, vec, a, stream);
 }
 
+// The normalize pass's coefficients from given statistics (one small
+// launch; saved_mean/saved_inv_std written when given).
+Status run_norm_coef(int64_t C, const void* mean, const void* var,
+                     double epsilon, const void* scale, const void* offset,
+                     void* saved_mean, void* saved_inv_std, float* coef,
+                     cudaStream_t stream) {
+  Final f;
+  f.C = C;
+  f.given_mean = static_cast<const float*>(mean);
+  f.given_var = static_cast<const float*>(var);
+  f.epsilon = epsilon;
+  f.scale = static_cast<const float*>(scale);
+  f.offset = static_cast<const float*>(offset);
+  f.saved_mean = static_cast<float*>(saved_mean);
+  f.saved_inv_std = static_cast<float*>(saved_inv_std);
+  f.norm = coef;
+  launch<norm_coef_kernel>(unsigned(ceil_div(C, kThreads)), kThreads, 0,
+                           stream, f);
+  return check_launch("normalize coefficients");
+}
+
+// The normalize pass's [2, C] coefficients (norm_coef), at the front of
+// the normalize and forward workspaces.
+size_t norm_coef_bytes(const Shape& shape) {
+  return align256(2 * shape.channels * sizeof(float));
+}
+
 }  // namespace
 
 size_t moments_workspace_bytes(const Shape& shape, DType dtype) {
   return partial_bytes(shape, dtype);
 }
 
+size_t normalize_workspace_bytes(const Shape& shape, DType) {
+  return norm_coef_bytes(shape);
+}
+
 size_t forward_workspace_bytes(const Shape& shape, DType dtype) {
-  return partial_bytes(shape, dtype);
+  return norm_coef_bytes(shape) + partial_bytes(shape, dtype);
 }
 
 size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
@@ -1135,17 +1169,18 @@ Status normalize(const NormalizeParams& p, cudaStream_t stream) {
   if (((!p.x || !p.y) && p.shape.size() > 0) || !p.mean || !p.var) {
     return Status::Error("normalize: x, y, mean and var are required");
   }
+  if (!p.workspace) return Status::Error("normalize: workspace is required");
   return dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    float* coef = static_cast<float*>(p.workspace);
+    Status s = run_norm_coef(p.shape.channels, p.mean, p.var, p.epsilon,
+                             p.scale, p.offset, nullptr, nullptr, coef, stream);
+    if (!s.ok()) return s;
     ApplyArgs a;
     a.x = p.x;
     a.out = p.y;
     a.mean = static_cast<const float*>(p.mean);
-    a.stat = static_cast<const float*>(p.var);
-    a.stat_is_var = true;
-    a.epsilon = p.epsilon;
-    a.scale = static_cast<const float*>(p.scale);
-    a.offset = static_cast<const float*>(p.offset);
+    a.coef = coef;
     a.side = p.side_input;
     a.relu = p.relu;
     return run_apply<T, false>(p.shape, p.dtype, a, stream);
@@ -1184,40 +1219,42 @@ Status forward(const ForwardParams& p, cudaStream_t stream) {
   if (p.training && (p.moving_mean != nullptr) != (p.moving_var != nullptr)) {
     return Status::Error("forward: give both moving_mean and moving_var");
   }
+  if (!p.workspace) return Status::Error("forward: workspace is required");
   return dispatch(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    float* coef = static_cast<float*>(p.workspace);
     ApplyArgs a;
     a.x = p.x;
     a.out = p.y;
-    a.epsilon = p.epsilon;
-    a.scale = static_cast<const float*>(p.scale);
-    a.offset = static_cast<const float*>(p.offset);
+    a.mean = static_cast<const float*>(p.saved_mean);
+    a.coef = coef;
     a.side = p.side_input;
     a.relu = p.relu;
+    Status s;
     if (p.training) {
       ReduceArgs r;
       r.x = p.x;
       r.f.saved_mean = static_cast<float*>(p.saved_mean);
       r.f.saved_inv_std = static_cast<float*>(p.saved_inv_std);
       r.f.epsilon = p.epsilon;
+      r.f.scale = static_cast<const float*>(p.scale);
+      r.f.offset = static_cast<const float*>(p.offset);
+      r.f.norm = coef;
       r.f.moving_mean = static_cast<float*>(p.moving_mean);
       r.f.moving_var = static_cast<float*>(p.moving_var);
       r.f.num_updates = p.num_updates;
       r.f.momentum = p.momentum;
       r.f.unbiased = p.unbiased_variance;
-      Status s = run_reduce<T, Kind::kForward>(p.shape, p.dtype, r,
-                                               p.workspace, stream);
-      if (!s.ok()) return s;
-      a.mean = static_cast<const float*>(p.saved_mean);
-      a.stat = static_cast<const float*>(p.saved_inv_std);
+      s = run_reduce<T, Kind::kForward>(
+          p.shape, p.dtype, r,
+          static_cast<char*>(p.workspace) + norm_coef_bytes(p.shape), stream);
       a.increment = p.moving_mean ? p.num_updates : nullptr;
     } else {
-      a.mean = static_cast<const float*>(p.moving_mean);
-      a.stat = static_cast<const float*>(p.moving_var);
-      a.stat_is_var = true;
-      a.saved_mean = static_cast<float*>(p.saved_mean);
-      a.saved_inv_std = static_cast<float*>(p.saved_inv_std);
+      s = run_norm_coef(p.shape.channels, p.moving_mean, p.moving_var,
+                        p.epsilon, p.scale, p.offset, p.saved_mean,
+                        p.saved_inv_std, coef, stream);
     }
+    if (!s.ok()) return s;
     return run_apply<T, false>(p.shape, p.dtype, a, stream);
   });
 }

@@ -12,6 +12,7 @@ namespace fused_bn {
 namespace cuda {
 
 size_t moments_workspace_bytes(const Shape& shape, DType dtype);
+size_t normalize_workspace_bytes(const Shape& shape, DType dtype);
 size_t forward_workspace_bytes(const Shape& shape, DType dtype);
 size_t backward_workspace_bytes(const Shape& shape, DType dtype);
 

@@ -168,13 +168,17 @@ PYBIND11_MODULE(_kernels, m) {
   };
 #ifdef FUSED_BN_WITH_CUDA
   auto moments_ws = &cuda::moments_workspace_bytes;
+  auto normalize_ws = &cuda::normalize_workspace_bytes;
   auto forward_ws = &cuda::forward_workspace_bytes;
   auto backward_ws = &cuda::backward_workspace_bytes;
 #else
   size_t (*moments_ws)(const Shape&, DType) = nullptr;
-  auto forward_ws = moments_ws, backward_ws = moments_ws;
+  auto normalize_ws = moments_ws, forward_ws = moments_ws,
+       backward_ws = moments_ws;
 #endif
   m.def("moments_workspace_bytes", ws(moments_ws), py::arg("dtype"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), ws_doc);
+  m.def("normalize_workspace_bytes", ws(normalize_ws), py::arg("dtype"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), ws_doc);
   m.def("forward_workspace_bytes", ws(forward_ws), py::arg("dtype"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), ws_doc);
@@ -221,7 +225,7 @@ PYBIND11_MODULE(_kernels, m) {
          int64_t inner, uintptr_t x, uintptr_t y, uintptr_t mean,
          uintptr_t var, uintptr_t scale, uintptr_t offset, double epsilon,
          const std::string& device, uintptr_t stream, int threads,
-         uintptr_t side_input, bool relu) {
+         uintptr_t side_input, bool relu, uintptr_t workspace) {
         NormalizeParams p;
         p.dtype = parse_dtype(dtype);
         p.shape = make_shape(outer, channels, inner);
@@ -239,6 +243,7 @@ PYBIND11_MODULE(_kernels, m) {
         p.epsilon = epsilon;
         p.side_input = ptr(side_input);
         p.relu = relu;
+        p.workspace = ptr(workspace);
         const Device d = parse_device(device);
         (void)stream;
         run(
@@ -257,6 +262,7 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("epsilon") = 1e-3, py::arg("device") = "cpu",
       py::arg("stream") = 0, py::arg("threads") = 1,
       py::arg("side_input") = 0, py::arg("relu") = false,
+      py::arg("workspace") = 0,
       "y = (x - mean) * scale * rsqrt(var + epsilon) + offset; scale/offset "
       "0 mean 1 and 0. Epilogue: y = relu(... + side_input) (side_input 0: "
       "none; relu: max(., 0)), rounded once.");

@@ -78,6 +78,10 @@ struct Backend<GPUDevice> {
   static absl::Status Normalize(OpKernelContext* ctx,
                                 kernels::NormalizeParams p) {
     TF_RETURN_IF_ERROR(DriverStatus());
+    Tensor ws;
+    TF_RETURN_IF_ERROR(Workspace(
+        ctx, kernels::cuda::normalize_workspace_bytes(p.shape, p.dtype), &ws,
+        &p.workspace));
     return ToStatus(kernels::cuda::normalize(p, StreamOf(ctx)));
   }
   static absl::Status Update(OpKernelContext* ctx, kernels::UpdateParams p) {

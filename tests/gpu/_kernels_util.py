@@ -375,8 +375,9 @@ def check_normalize(k, b, dtype, shape, offset=0, affine=True, seed=0):
     xb = b.put(x, offset, dtype)
     yb = b.put(np.zeros_like(x), offset, dtype)
     bufs = [b.put(a) if a is not None else None for a in (mean, var, scale, off)]
+    ws = b.workspace(k.normalize_workspace_bytes(dtype, *shape))
     k.normalize(dtype, *shape, b.ptr(xb), b.ptr(yb), *[b.ptr(t) for t in bufs],
-                epsilon=1e-3, device=b.device, **b.extra())
+                epsilon=1e-3, device=b.device, workspace=b.ptr(ws), **b.extra())
     ref = ref_normalize(x, mean.astype(np.float64), var, None if scale is None else
                         scale.astype(np.float64), None if off is None else
                         off.astype(np.float64), 1e-3)
@@ -596,9 +597,10 @@ def check_normalize_epilogue(k, b, dtype, shape, relu, side=True, offset=0, seed
     yb = b.put(np.zeros_like(x), offset, dtype)
     sideb = None if s is None else b.put(s, offset, dtype)
     bufs = [b.put(a) for a in (mean, var, scale, off)]
+    ws = b.workspace(k.normalize_workspace_bytes(dtype, *shape))
     k.normalize(dtype, *shape, b.ptr(xb), b.ptr(yb), *[b.ptr(t) for t in bufs],
                 epsilon=1e-3, device=b.device, side_input=b.ptr(sideb), relu=relu,
-                **b.extra())
+                workspace=b.ptr(ws), **b.extra())
     ref = ref_epilogue(ref_normalize(x, mean.astype(np.float64), var,
                                      scale.astype(np.float64), off.astype(np.float64),
                                      1e-3), s, relu)

@@ -41,10 +41,11 @@ def test_empty_batch_inference_writes_saved_stats(k, buf, dtype, layout):
     mmb, mvb = buf.put(mm), buf.put(mv)
     sm, sr = _filled(buf, c, float("nan")), _filled(buf, c, float("nan"))
     counter = buf.put(np.array([4], np.int64))
+    ws = buf.workspace(k.forward_workspace_bytes(dtype, 0, c, inner))
     k.forward(dtype, 0, c, inner, buf.ptr(x), buf.ptr(y), buf.ptr(sm), buf.ptr(sr),
               epsilon=EPS, training=False, moving_mean=buf.ptr(mmb),
               moving_var=buf.ptr(mvb), num_updates=buf.ptr(counter),
-              device="cuda", stream=buf.stream)
+              device="cuda", stream=buf.stream, workspace=buf.ptr(ws))
     np.testing.assert_array_equal(_host(buf, sm, c), mm)
     np.testing.assert_allclose(_host(buf, sr, c), 1 / np.sqrt(mv.astype(np.float64) + EPS),
                                rtol=1e-6)
@@ -73,8 +74,9 @@ def test_empty_batch_normalize(k, buf, layout):
     c, inner = 5, LAYOUTS[layout]
     x, y = _filled(buf, 0, 0.0), _filled(buf, 0, 0.0)
     m, v = buf.put(np.zeros(c, np.float32)), buf.put(np.ones(c, np.float32))
+    ws = buf.workspace(k.normalize_workspace_bytes("float32", 0, c, inner))
     k.normalize("float32", 0, c, inner, buf.ptr(x), buf.ptr(y), buf.ptr(m), buf.ptr(v),
-                epsilon=EPS, device="cuda", stream=buf.stream)
+                epsilon=EPS, device="cuda", stream=buf.stream, workspace=buf.ptr(ws))
     buf.sync()
 
 
@@ -97,6 +99,34 @@ def test_zero_channels_is_a_no_op(k, buf, inner):
 @pytest.mark.parametrize("inner", [1, 7])
 def test_zero_channels_keep_the_counter(k, buf, inner):
     ku.check_zero_channels_keep_the_counter(k, buf, inner)
+
+
+@pytest.mark.parametrize("inner", [1, 7])
+def test_missing_workspace_is_an_error(k, buf, inner):
+    """Forward (both modes), normalize and backward keep their per-channel
+    coefficients in the workspace: without one they say so and launch
+    nothing (y keeps its sentinel, the statistics their values)."""
+    c, n = 3, 4
+    x = buf.put(np.arange(n * c * inner, dtype=np.float32))
+    y = _filled(buf, n * c * inner, 7.0)
+    s = buf.put(np.ones(c, np.float32))
+    sm, sr = _filled(buf, c, 5.0), _filled(buf, c, 5.0)
+    p = buf.ptr
+    for training in (True, False):
+        with pytest.raises(RuntimeError, match="forward: workspace is required"):
+            k.forward("float32", n, c, inner, p(x), p(y), p(sm), p(sr),
+                      training=training, moving_mean=p(s), moving_var=p(s),
+                      device="cuda", stream=buf.stream)
+    with pytest.raises(RuntimeError, match="normalize: workspace is required"):
+        k.normalize("float32", n, c, inner, p(x), p(y), p(s), p(s), device="cuda",
+                    stream=buf.stream)
+    with pytest.raises(RuntimeError, match="backward: workspace is required"):
+        k.backward("float32", n, c, inner, p(x), p(x), p(sm), p(sr), dx=p(y),
+                   device="cuda", stream=buf.stream)
+    buf.sync()
+    np.testing.assert_array_equal(_host(buf, y, n * c * inner), 7.0)
+    np.testing.assert_array_equal(_host(buf, sm, c), 5.0)
+    np.testing.assert_array_equal(_host(buf, s, c), 1.0)
 
 
 # ---------------------------------------------------------------- alignment
