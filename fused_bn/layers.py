@@ -292,10 +292,11 @@ class BatchNormalization(keras.layers.Layer):
         unbiased = self.unbiased_variance
         if self._axis == 1:
             # Channels-first masks include the channel axis: a count per
-            # channel, so the Bessel factor is applied here.
-            if unbiased:
-                n = tf.cast(count, variance.dtype)
-                variance = variance * n / (n - 1)
+            # channel, so the Bessel factor (bn_math.h's, through its
+            # mirror) is applied here, per channel.
+            variance = tf.cast(reference.batch_variance(
+                variance, reference.bessel_factor(unbiased, count)),
+                variance.dtype)
             unbiased = False
         update_moving_stats(
             self.moving_mean, self.moving_variance, mean, variance,
