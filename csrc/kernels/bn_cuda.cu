@@ -880,23 +880,34 @@ bool current_device(int* device, int* sms) {
   return true;
 }
 
+// cache[device] for the current device, computed by compute(device, sms)
+// the first time (0, a failure, is returned and not cached).
+template <typename F>
+int64_t per_device(std::atomic<int64_t>* cache, F&& compute) {
+  int device = 0, sms = 0;
+  if (!current_device(&device, &sms)) return 0;
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  v = compute(device, sms);
+  if (v > 0) cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
 // Blocks of kThreads threads that any kernel can have resident on the
 // current device: SMs x (threads per SM / kThreads). Bounds every
 // reduction's target, so that the workspace sized from it suffices.
 int64_t max_resident_blocks() {
   static std::atomic<int64_t> cache[kMaxDevices];
-  int device = 0, sms = 0, threads = 0;
-  if (!current_device(&device, &sms)) return 0;
-  int64_t v = cache[device].load(std::memory_order_relaxed);
-  if (v > 0) return v;
-  if (cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor,
-                             device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  v = std::max<int64_t>(1, int64_t(sms) * (threads / kThreads));
-  cache[device].store(v, std::memory_order_relaxed);
-  return v;
+  return per_device(cache, [](int device, int sms) -> int64_t {
+    int threads = 0;
+    if (cudaDeviceGetAttribute(&threads,
+                               cudaDevAttrMaxThreadsPerMultiProcessor,
+                               device) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return std::max<int64_t>(1, int64_t(sms) * (threads / kThreads));
+  });
 }
 
 // Kernel's resident blocks of kThreads threads (no dynamic shared memory)
@@ -904,19 +915,17 @@ int64_t max_resident_blocks() {
 template <auto Kernel>
 int64_t resident_blocks() {
   static std::atomic<int64_t> cache[kMaxDevices];
-  int device = 0, sms = 0, per_sm = 0;
-  if (!current_device(&device, &sms)) return 0;
-  int64_t v = cache[device].load(std::memory_order_relaxed);
-  if (v > 0) return v;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads,
-                                                    0) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  v = std::min(std::max<int64_t>(1, int64_t(sms) * per_sm),
-               max_resident_blocks());
-  cache[device].store(v, std::memory_order_relaxed);
-  return v;
+  return per_device(cache, [](int, int sms) -> int64_t {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel,
+                                                      kThreads, 0) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return std::min(std::max<int64_t>(1, int64_t(sms) * per_sm),
+                    max_resident_blocks());
+  });
 }
 
 Status no_occupancy(const char* what) {
