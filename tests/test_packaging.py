@@ -33,14 +33,25 @@ def backend(code, **env):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def installed():
+    """fused_bn's installed distribution: its metadata on sys.path outside
+    the source tree. A build in the tree (the backend tests below, `pip
+    wheel .`) leaves a fused_bn.egg-info there, which importlib.metadata
+    would find first when the tree is the working directory."""
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+    dists = list(md.distributions(name="fused_bn", path=path))
+    assert dists, "fused_bn is not installed"
+    return dists[0]
+
+
 def test_installed_metadata_pulls_no_second_tensorflow():
-    meta = md.distribution("fused_bn").read_text("METADATA")
+    meta = installed().read_text("METADATA")
     assert tensorflow_requirements(meta) == []
     check_metadata(meta, TF_MINOR)
 
 
 def test_version_tag_names_tensorflow_minor_and_cuda():
-    version = md.version("fused_bn")
+    version = installed().version
     info = fused_bn.build_info()
     variant = "cu" + "".join(info["cuda"].split(".")[:2]) if info["cuda"] else "cpu"
     assert version == f"0.1.0+tf{TF_MINOR.replace('.', '')}.{variant}", (version, info)
