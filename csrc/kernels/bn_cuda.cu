@@ -1130,10 +1130,12 @@ Status run_norm_coef(int64_t C, const void* mean, const void* var,
   return check_launch("normalize coefficients");
 }
 
-// The normalize pass's [2, C] coefficients (norm_coef), at the front of
-// the normalize and forward workspaces.
-size_t norm_coef_bytes(const Shape& shape) {
-  return align256(2 * shape.channels * sizeof(float));
+// Per-channel coefficients of an apply pass, [rows, C] floats at the
+// front of a workspace: kNormRows (k, b: norm_coef) for normalize and
+// forward, kGradRows (k_dy, k_x, k_0: grad_coef) for backward.
+constexpr int kNormRows = 2, kGradRows = 3;
+size_t coef_bytes(int rows, const Shape& shape) {
+  return align256(rows * shape.channels * sizeof(float));
 }
 
 }  // namespace
@@ -1143,16 +1145,15 @@ size_t moments_workspace_bytes(const Shape& shape, DType dtype) {
 }
 
 size_t normalize_workspace_bytes(const Shape& shape, DType) {
-  return norm_coef_bytes(shape);
+  return coef_bytes(kNormRows, shape);
 }
 
 size_t forward_workspace_bytes(const Shape& shape, DType dtype) {
-  return norm_coef_bytes(shape) + partial_bytes(shape, dtype);
+  return coef_bytes(kNormRows, shape) + partial_bytes(shape, dtype);
 }
 
 size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
-  return align256(3 * shape.channels * sizeof(float)) +
-         partial_bytes(shape, dtype);
+  return coef_bytes(kGradRows, shape) + partial_bytes(shape, dtype);
 }
 
 Status moments(const MomentsParams& p, cudaStream_t stream) {
@@ -1256,7 +1257,8 @@ Status forward(const ForwardParams& p, cudaStream_t stream) {
       r.f.unbiased = p.unbiased_variance;
       s = run_reduce<T, Kind::kForward>(
           p.shape, p.dtype, r,
-          static_cast<char*>(p.workspace) + norm_coef_bytes(p.shape), stream);
+          static_cast<char*>(p.workspace) + coef_bytes(kNormRows, p.shape),
+          stream);
       a.increment = p.moving_mean ? p.num_updates : nullptr;
     } else {
       s = run_norm_coef(p.shape.channels, p.moving_mean, p.moving_var,
@@ -1310,7 +1312,7 @@ Status backward(const BackwardParams& p, cudaStream_t stream) {
       r.f.dscale = static_cast<float*>(p.dscale);
       r.f.doffset = static_cast<float*>(p.doffset);
       char* partials = static_cast<char*>(p.workspace) +
-                       align256(3 * p.shape.channels * sizeof(float));
+                       coef_bytes(kGradRows, p.shape);
       s = run_reduce<T, Kind::kGrad>(p.shape, p.dtype, r, partials, stream);
     }
     if (!s.ok() || !p.dx) return s;
